@@ -1,0 +1,68 @@
+"""Small file helpers shared by every module: JSONL reading with file:line errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from continual_opd.errors import DataError
+
+
+def read_jsonl(path: str | Path, *, required: Iterable[str] = (), what: str = "rows") -> list[dict]:
+    """Read a JSONL file; every problem is a one-line `DataError` naming `file:line` and the fix.
+
+    Blank lines are skipped. Each non-blank line must be a JSON object holding the `required` keys.
+    An empty file is an error (a silently empty dataset is never what the user meant).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the path (relative paths resolve against the file that names them)")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .jsonl file")
+    rows: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; one object per line")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {sorted(required)}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no {what} found (file is empty); add at least one JSON line")
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write rows as JSONL atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
