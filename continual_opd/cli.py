@@ -1,0 +1,140 @@
+"""`continual-opd recipe|validate|eval|report|compare|build-demo` — main(argv) -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from continual_opd.errors import ContinualOPDError, RunDirError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="continual-opd", description="Fine-tune on your documents, keep general skills.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("recipe", help="run a recipe (eval → sft → opd → eval ...)")
+    r.add_argument("path", help="recipe YAML, e.g. recipes/personalize.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stages.1.lr=1e-4 output_dir=/tmp/x")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in its output_dir")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("path")
+    v.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="run eval suites on a model")
+    e.add_argument("--model", required=True, help="hub id, local path, or demo")
+    e.add_argument("--suite", action="append", required=True, help="suite name in eval_suites/ or a YAML path (repeatable)")
+    e.add_argument("--out", help="directory for results.json and per-suite generations")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--cache-dir", help="demo model cache directory")
+
+    rep = sub.add_parser("report", help="write <run>/report/ (plots, report.md, report.html)")
+    rep.add_argument("run_dir")
+
+    c = sub.add_parser("compare", help="compare several runs side by side")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", required=True, help="output directory for the comparison report")
+
+    b = sub.add_parser("build-demo", help="build (or find in the cache) the offline demo chat model")
+    b.add_argument("--cache-dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "lm-eval", "evaluate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _dispatch(args)
+    except ContinualOPDError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from continual_opd.config import load_recipe
+
+    if args.command == "validate":
+        recipe = load_recipe(args.path, args.overrides)
+        kinds = " → ".join(f"{s.name}({s.kind})" for s in recipe.stages)
+        print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}")
+        return 0
+    if args.command == "recipe":
+        from continual_opd.pipeline import run_recipe
+
+        recipe = load_recipe(args.path, args.overrides)
+        run_dir = run_recipe(recipe, resume=args.resume, progress=not args.no_progress)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        _print_summary(summary)
+        print(f"run written to {run_dir}")
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "report":
+        from continual_opd.report import write_report
+
+        print(f"report written to {write_report(Path(args.run_dir))}")
+        return 0
+    if args.command == "compare":
+        from continual_opd.report import write_comparison
+
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
+        print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out)}")
+        return 0
+    if args.command == "build-demo":
+        from continual_opd.demo.build import ensure_demo_model
+
+        print(ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _eval(args) -> int:
+    from continual_opd import models
+    from continual_opd.config import ModelConfig
+    from continual_opd.evals import load_suite, run_suite
+    from continual_opd.io import atomic_write_json
+    from continual_opd.pipeline import seed_everything
+
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
+    suites = [load_suite(s, Path.cwd()) for s in args.suite]  # fail on a bad suite before loading a model
+    cfg = ModelConfig(name=args.model)
+    seed_everything(args.seed)
+    base = models.resolve_base(cfg, args.cache_dir)
+    tok = models.load_tokenizer(base, cfg)
+    model = models.load_model(models.ModelRef(base), cfg)
+    results = {}
+    for suite in suites:
+        values = run_suite(suite, model, tok, out, seed=args.seed)
+        results.update({f"{suite.name}/{k}": v for k, v in values.items()})
+    if out:
+        atomic_write_json(out / "results.json", results)
+    for k, v in results.items():
+        if not k.split("/", 1)[1].startswith("type/"):
+            print(f"{k:45s} {v:.4f}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ["domain_qa/exact_match", "ifeval/prompt_level_strict_acc"]
+    print(f"{'stage':20s} " + " ".join(f"{k:>32s}" for k in keys))
+    for stage, vals in summary.items():
+        print(f"{stage:20s} " + " ".join(f"{vals.get(k, float('nan')):>32.3f}" for k in keys))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Typed recipe schema, YAML loading, dotted overrides and one-line validation errors.
+
+A recipe is YAML; `key=value` overrides (`stages.1.lr=1e-4`) win over the file; unknown keys are errors
+that name the closest valid key. Relative data paths resolve against the recipe file's directory, so a
+recipe runs the same from any working directory; `output_dir` resolves against the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from continual_opd.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = "demo"  # hub id (Qwen/Qwen3-8B), local path, or `demo` (the offline demo chat model)
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)  # adapter rank
+    alpha: int = Field(32, gt=0)  # scaling = alpha / r
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Extra modules trained in full and saved with the adapter. New company names are often new token
+    # sequences: training the embeddings helps a small model learn them (`[embed_tokens, lm_head]`).
+    modules_to_save: list[str] | None = None
+
+
+class EvalsConfig(Strict):
+    suites: list[str] = Field(default_factory=lambda: ["ifeval", "domain_qa"])  # names in eval_suites/ or paths
+    # General chat prompts (IFEval schema or messages) for KL(student || stage-start snapshot): a cheap
+    # leading indicator of forgetting, logged at every eval point of a training stage.
+    kl_prompts: str | None = None
+    kl_num_prompts: int = Field(32, gt=0)
+    kl_max_new_tokens: int = Field(48, gt=0)
+
+
+class SFTDataConfig(Strict):
+    documents: list[str] = Field(default_factory=list)  # files/dirs of .txt/.md/.jsonl{"text"}, or hf:NAME[:split]
+    chat: list[str] = Field(default_factory=list)  # .jsonl with {"messages": [...]}, or hf:NAME[:split]
+    qa: list[str] = Field(default_factory=list)  # .jsonl with {"question","answer"} rendered as chat
+    # Share of *training tokens* per source; must sum to 1. Sources with weight 0 may be omitted.
+    mix: dict[Literal["documents", "chat", "qa"], float] = Field(default_factory=lambda: {"documents": 1.0})
+
+    @model_validator(mode="after")
+    def _check_mix(self):
+        total = sum(self.mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"mix weights sum to {total:g}; make them sum to 1 (e.g. documents: 0.7, chat: 0.3)")
+        for k, w in self.mix.items():
+            if w < 0:
+                raise ValueError(f"mix.{k} is negative ({w}); use a weight in [0, 1]")
+            if w > 0 and not getattr(self, k):
+                raise ValueError(f"mix.{k} is {w} but `{k}` lists no sources; add a source or set mix.{k}: 0")
+        return self
+
+
+class StageBase(Strict):
+    name: str  # unique; used for the stage directory, metrics and snapshot names (snapshot:before-<name>)
+    suites: list[str] | None = None  # override the recipe's eval suites for this stage
+
+
+class EvalStage(StageBase):
+    kind: Literal["eval"]
+
+
+class TrainStageBase(StageBase):
+    finetune: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float | None = Field(None, gt=0)  # default: 1e-4 for LoRA, 2e-5 for full fine-tuning
+    steps: int = Field(100, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end of the stage
+    save_every: int = Field(0, ge=0)  # checkpoint interval in steps (0: end only)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.finetune == "lora" else 2e-5)
+
+
+class SFTStage(TrainStageBase):
+    kind: Literal["sft"]
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(256, gt=8)  # documents are chunked to this length; chat longer is truncated
+    lr_scheduler: str = "constant_with_warmup"
+
+
+class ReplayConfig(Strict):
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig)  # SFT examples replayed during OPD
+    batch_size: int = Field(16, ge=0)  # replayed examples per OPD step (0 disables replay)
+    weight: float = Field(1.0, ge=0)  # loss = distillation loss + weight * replay LM loss
+    max_seq_len: int = Field(256, gt=8)
+
+
+class OPDStage(TrainStageBase):
+    kind: Literal["opd"]
+    teacher: str = "snapshot:base"  # snapshot:<name> (see README), a local path, or a hub id
+    prompts: list[str] = Field(default_factory=list)  # .jsonl (IFEval schema, {"prompt"} or {"messages"})
+    doc_prompts: list[str] = Field(default_factory=list)  # optional QA .jsonl whose questions become prompts
+    doc_prompt_fraction: float = Field(0.0, ge=0, le=1)
+    prompts_per_step: int = Field(16, gt=0)
+    samples_per_prompt: int = Field(2, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    loss: Literal["sampled", "full", "forward", "jsd"] = "sampled"
+    beta: float = Field(0.5, ge=0, le=1)  # jsd interpolation (0 = forward KL, 1 = reverse KL)
+    gamma: float = Field(0.0, ge=0, le=1)  # discount for the sampled estimator (0 = per-token, as the reference)
+    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(batch_size=0))
+
+    @model_validator(mode="after")
+    def _check_prompts(self):
+        if not self.prompts:
+            raise ValueError("`prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)")
+        return self
+
+
+Stage = Annotated[Union[EvalStage, SFTStage, OPDStage], Field(discriminator="kind")]
+STAGE_CLASSES = {"eval": EvalStage, "sft": SFTStage, "opd": OPDStage}
+
+
+class Recipe(Strict):
+    name: str  # run name shown in reports
+    seed: int = 0
+    output_dir: str  # run directory; an existing non-empty one is never overwritten (use --resume)
+    cache_dir: str | None = None  # demo model cache (default: $CONTINUAL_OPD_CACHE or ~/.cache/continual-opd)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    evals: EvalsConfig = Field(default_factory=EvalsConfig)
+    stages: list[Stage]
+    report: bool = True  # write report/ at the end of the run
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # live mirrors of metrics.jsonl
+
+    # Where the recipe came from (set by load_recipe, not by users).
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("stages")
+    @classmethod
+    def _check_stages(cls, stages):
+        if not stages:
+            raise ValueError("no stages; add at least `- {name: baseline, kind: eval}`")
+        seen = set()
+        for s in stages:
+            if s.name in seen:
+                raise ValueError(f"stage name {s.name!r} is used twice; give each stage a unique name")
+            seen.add(s.name)
+        return stages
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. stages.1.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key; write key=value")
+        out.append((key.split("."), yaml.safe_load(raw) if raw != "" else ""))
+    return out
+
+
+def apply_override(data: dict, path: list[str], value: Any, *, source: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"{source}: override {'.'.join(path)}: {where} is not an index of a {len(node)}-item list; use 0..{len(node) - 1}")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{source}: override {'.'.join(path)}: {'.'.join(path[:i])} is a value, not a mapping")
+
+
+def _model_at(loc: tuple, data: Any) -> tuple[type[BaseModel] | None, list[str]]:
+    """Walk the schema along a pydantic error location; return the model class there and the dotted path.
+
+    Discriminated-union tags (`sft`, `opd`, ...) appear in pydantic's loc; they are dropped from the path.
+    """
+    cls: Any = Recipe
+    node = data
+    path: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            field = cls.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return cls, path
+            path.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+            cls = field.annotation
+            if part == "stages":
+                cls = "stages"
+            elif isinstance(cls, type) and issubclass(cls, BaseModel):
+                pass
+            else:
+                cls = None
+        elif cls == "stages" and isinstance(part, int):
+            path.append(str(part))
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            kind = node.get("kind") if isinstance(node, dict) else None
+            cls = STAGE_CLASSES.get(kind)
+            if i + 1 < len(loc) and loc[i + 1] in STAGE_CLASSES:
+                i += 1  # skip the union tag
+        else:
+            path.append(str(part))
+            cls = None
+        i += 1
+    return (cls if isinstance(cls, type) else None), path
+
+
+def format_validation_error(err: ValidationError, data: dict, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        etype = e["type"]
+        if etype == "extra_forbidden":
+            parent, path = _model_at(loc[:-1], data)
+            key = str(loc[-1])
+            valid = sorted(parent.model_fields) if parent else []
+            valid = [v for v in valid if v != "source"]
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            where = ".".join(path + [key])
+            lines.append(f"{source}: {where}: unknown key; {hint}")
+            continue
+        _, path = _model_at(loc, data)
+        where = ".".join(path) or "(top level)"
+        if etype == "union_tag_invalid" or etype == "union_tag_not_found":
+            lines.append(f"{source}: {where}.kind: {e.get('input', {}).get('kind') if isinstance(e.get('input'), dict) else None!r} is not a stage kind; use one of eval, sft, opd")
+            continue
+        if etype == "missing":
+            lines.append(f"{source}: {where}: required field is missing; add `{path[-1] if path else where}: ...`")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"{source}: {where}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def validate_recipe_dict(data: Any, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of keys (name, model, stages, ...), got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, data, source)) from None
+    recipe.source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file. Raises ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: recipe file not found; check the path (e.g. recipes/personalize.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem}); fix the syntax at that line") from None
+    if data is None:
+        raise ConfigError(f"{path}: recipe is empty; start from recipes/personalize.yaml")
+    for keys, value in parse_overrides(overrides or []):
+        if not isinstance(data, dict):
+            break
+        apply_override(data, keys, value, source=str(path))
+    recipe = validate_recipe_dict(data, str(path))
+    return resolve_paths(recipe, path.parent)
+
+
+def _resolve(p: str, base: Path) -> str:
+    if p.startswith("hf:") or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make data paths absolute (relative to the recipe file) so runs do not depend on the cwd."""
+    base = base.resolve()
+
+    def fix_data(d: SFTDataConfig):
+        d.documents = [_resolve(p, base) for p in d.documents]
+        d.chat = [_resolve(p, base) for p in d.chat]
+        d.qa = [_resolve(p, base) for p in d.qa]
+
+    if recipe.evals.kl_prompts:
+        recipe.evals.kl_prompts = _resolve(recipe.evals.kl_prompts, base)
+    recipe.evals.suites = [_resolve_suite(s, base) for s in recipe.evals.suites]
+    for s in recipe.stages:
+        if s.suites is not None:
+            s.suites = [_resolve_suite(x, base) for x in s.suites]
+        if isinstance(s, SFTStage):
+            fix_data(s.data)
+        if isinstance(s, OPDStage):
+            s.prompts = [_resolve(p, base) for p in s.prompts]
+            s.doc_prompts = [_resolve(p, base) for p in s.doc_prompts]
+            fix_data(s.replay.data)
+            if not s.teacher.startswith("snapshot:") and (base / s.teacher).exists():
+                s.teacher = str((base / s.teacher).resolve())
+    if recipe.model.name != "demo" and (base / recipe.model.name).exists():
+        recipe.model.name = str((base / recipe.model.name).resolve())
+    if recipe.cache_dir:
+        recipe.cache_dir = str(Path(recipe.cache_dir).expanduser())
+    return recipe
+
+
+def _resolve_suite(ref: str, base: Path) -> str:
+    # A bare suite name (`ifeval`) is looked up in eval_suites/; a path is made absolute.
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        return _resolve(ref, base)
+    return ref
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,196 @@
+"""Training data: documents, chat and QA sources, tokenization with loss masks, and token-ratio mixing.
+
+Every example becomes `{"input_ids", "labels"}` (labels = -100 where no loss): documents are plain
+language modelling on chunks of `max_seq_len` tokens (no chat template); chat and QA rows are rendered with
+the chat template and only the final assistant turn carries loss. The mix is set **by tokens**: sources are
+sampled so that their expected share of training tokens equals the recipe's weights; the realized shares
+are returned so the stage can log them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from continual_opd.errors import DataError
+from continual_opd.io import read_jsonl
+
+DOC_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+def _expand(sources: list[str], suffixes: tuple[str, ...], field: str) -> list[Path | str]:
+    out: list[Path | str] = []
+    for src in sources:
+        if src.startswith("hf:"):
+            out.append(src)
+            continue
+        p = Path(src)
+        if not p.exists():
+            raise DataError(f"{p}: {field} source not found; check the path in the recipe (relative to the recipe file)")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not files:
+                raise DataError(f"{p}: {field} directory has no {'/'.join(suffixes)} files; add some or remove the source")
+            out.extend(files)
+        else:
+            out.append(p)
+    return out
+
+
+def _hf_rows(src: str) -> list[dict]:
+    # hf:NAME[:split] — for users online (or with a local datasets cache); tests use local files.
+    from datasets import load_dataset
+
+    name, _, split = src.removeprefix("hf:").partition(":")
+    return list(load_dataset(name, split=split or "train"))
+
+
+def load_documents(sources: list[str]) -> list[str]:
+    texts = []
+    for f in _expand(sources, DOC_SUFFIXES, "documents"):
+        if isinstance(f, str):
+            texts.extend(r["text"] for r in _hf_rows(f))
+        elif f.suffix == ".jsonl":
+            texts.extend(r["text"] for r in read_jsonl(f, required=("text",), what="documents"))
+        else:
+            text = f.read_text(encoding="utf-8")
+            if not text.strip():
+                raise DataError(f"{f}: document is empty; remove it or add text")
+            texts.append(text)
+    return texts
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} turns")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each turn needs role (system/user/assistant) and string content, got {json.dumps(m)[:80]}")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: chat row has no final assistant turn to learn from; end each conversation with an assistant message")
+    return messages
+
+
+def _rows_with_lines(path: Path, required: tuple[str, ...], what: str):
+    """Yield (file:line, row) so later checks can name the line."""
+    rows = read_jsonl(path, required=required, what=what)
+    lines = [i for i, l in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if l.strip()]
+    return [(f"{path}:{ln}", r) for ln, r in zip(lines, rows)]
+
+
+def load_chat(sources: list[str]) -> list[list[dict]]:
+    convs = []
+    for f in _expand(sources, (".jsonl",), "chat"):
+        if isinstance(f, str):
+            convs.extend(check_messages(r["messages"], f) for r in _hf_rows(f))
+            continue
+        for where, row in _rows_with_lines(f, ("messages",), "chat rows"):
+            convs.append(check_messages(row["messages"], where))
+    return convs
+
+
+def load_qa(sources: list[str]) -> list[list[dict]]:
+    convs = []
+    for f in _expand(sources, (".jsonl",), "qa"):
+        rows = _hf_rows(f) if isinstance(f, str) else [r for _, r in _rows_with_lines(f, ("question", "answer"), "QA rows")]
+        for r in rows:
+            answer = r["answer"][0] if isinstance(r["answer"], list) else r["answer"]
+            convs.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": str(answer)}])
+    return convs
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+
+
+def tokenize_documents(texts: list[str], tokenizer, max_seq_len: int) -> list[dict]:
+    """Concatenate documents (EOS between them) and cut into `max_seq_len` chunks; loss on every token."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    chunks = [ids[i: i + max_seq_len] for i in range(0, len(ids), max_seq_len)]
+    return [{"input_ids": c, "labels": list(c)} for c in chunks if len(c) > 1]
+
+
+def tokenize_chat(convs: list[list[dict]], tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None) -> list[dict]:
+    """Render with the chat template; labels only on the final assistant turn (prompt tokens get -100)."""
+    kw = chat_template_kwargs or {}
+    out = []
+    for messages in convs:
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False, **kw)
+        full = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+        if not full.startswith(prompt):
+            raise DataError("the chat template renders the prompt differently inside the full conversation; "
+                            "cannot locate the assistant turn (use a template where the prompt is a prefix)")
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids = (p_ids + c_ids)[:max_seq_len]
+        labels = ([-100] * len(p_ids) + c_ids)[:max_seq_len]
+        if any(l != -100 for l in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+@dataclass
+class Mixture:
+    examples: list[dict]
+    token_share: dict[str, float]  # realized share of loss tokens per source
+    source_sizes: dict[str, int]  # distinct examples available per source
+
+
+def n_loss_tokens(ex: dict) -> int:
+    return sum(1 for l in ex["labels"] if l != -100)
+
+
+def build_mixture(pools: dict[str, list[dict]], weights: dict[str, float], n_examples: int, seed: int) -> Mixture:
+    """Sample `n_examples` so each source's expected share of loss tokens equals its weight.
+
+    Picking source k with probability ∝ w_k / mean_len_k makes E[tokens from k] ∝ w_k. Within a source,
+    examples are drawn as shuffled epochs (each seen once before any repeats).
+    """
+    active = {k: w for k, w in weights.items() if w > 0}
+    for k in active:
+        if not pools.get(k):
+            raise DataError(f"mix.{k} > 0 but source `{k}` produced no examples; add data or set mix.{k}: 0")
+    rng = random.Random(seed)
+    mean_len = {k: sum(map(n_loss_tokens, pools[k])) / len(pools[k]) for k in active}
+    keys = sorted(active)
+    probs = [active[k] / mean_len[k] for k in keys]
+    order = {k: [] for k in keys}
+    examples, tokens = [], {k: 0 for k in keys}
+    for _ in range(n_examples):
+        k = rng.choices(keys, weights=probs)[0]
+        if not order[k]:
+            order[k] = list(range(len(pools[k])))
+            rng.shuffle(order[k])
+        ex = pools[k][order[k].pop()]
+        examples.append({**ex, "source": k})
+        tokens[k] += n_loss_tokens(ex)
+    total = sum(tokens.values()) or 1
+    return Mixture(examples, {k: tokens[k] / total for k in keys}, {k: len(pools[k]) for k in keys})
+
+
+def build_pools(data_cfg, tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None) -> dict[str, list[dict]]:
+    """Load and tokenize every source named in an `SFTDataConfig` that has a positive weight."""
+    pools: dict[str, list[dict]] = {}
+    w = data_cfg.mix
+    if w.get("documents", 0) > 0:
+        pools["documents"] = tokenize_documents(load_documents(data_cfg.documents), tokenizer, max_seq_len)
+    if w.get("chat", 0) > 0:
+        pools["chat"] = tokenize_chat(load_chat(data_cfg.chat), tokenizer, max_seq_len, chat_template_kwargs)
+    if w.get("qa", 0) > 0:
+        pools["qa"] = tokenize_chat(load_qa(data_cfg.qa), tokenizer, max_seq_len, chat_template_kwargs)
+    return pools
+
+
+def check_sources(data_cfg) -> None:
+    """Load every source once (no tokenizer needed) so bad data fails before any model work starts."""
+    w = data_cfg.mix
+    if w.get("documents", 0) > 0:
+        load_documents(data_cfg.documents)
+    if w.get("chat", 0) > 0:
+        load_chat(data_cfg.chat)
+    if w.get("qa", 0) > 0:
+        load_qa(data_cfg.qa)

@@ -1,0 +1,238 @@
+"""run_recipe: the run directory, stage order, snapshots, evals and resume.
+
+Stages do not know about each other: each gets a `StageContext` (the live model, its tokenizer, the
+metrics sink, an `evaluate(step)` callback, where to write, where to resume from) and trains in place.
+The pipeline records after every stage how to get that model back (`ModelRef`), which is what makes
+`snapshot:before-<stage>` teachers and `--resume` possible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from continual_opd import models
+from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
+from continual_opd.errors import ConfigError, RunDirError
+from continual_opd.io import atomic_write_json, atomic_write_text
+from continual_opd.tracking import MetricsSink
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "run_state.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StageContext:
+    model: torch.nn.Module
+    tokenizer: object
+    recipe: Recipe
+    stage_index: int
+    stage_dir: Path
+    sink: MetricsSink
+    evaluate: Callable[[torch.nn.Module, int], dict]  # (model, step) -> {"suite/metric": value}; logs rows
+    base_ref: str  # full weights under the current model (for LoRA students: the frozen base)
+    snapshots: dict[str, models.ModelRef]
+    resume_from: Path | None = None  # checkpoint directory to resume this stage from
+    progress: bool = True
+
+    def resolve_teacher(self, teacher: str) -> models.ModelRef:
+        if teacher.startswith("snapshot:"):
+            name = teacher.removeprefix("snapshot:")
+            if name not in self.snapshots:
+                raise ConfigError(f"{self.recipe.source}: stages.{self.stage_index}.teacher: no snapshot named {name!r}; "
+                                  f"available here: {', '.join('snapshot:' + k for k in self.snapshots)}")
+            return self.snapshots[name]
+        return models.ModelRef(base=teacher)
+
+
+class Evaluator:
+    """Runs the recipe's suites (and the KL monitor) on the live model and logs them to the sink."""
+
+    def __init__(self, recipe: Recipe, tokenizer, sink: MetricsSink, run_dir: Path, progress: bool = True):
+        from continual_opd.evals import load_suite
+
+        self.recipe, self.tokenizer, self.sink, self.run_dir, self.progress = recipe, tokenizer, sink, run_dir, progress
+        self._load_suite = load_suite
+        self.kl_monitor = None
+        self.suites = {ref: load_suite(ref, Path(recipe.source).parent if recipe.source else None)
+                       for stage in recipe.stages for ref in (stage.suites or recipe.evals.suites)}
+
+    def __call__(self, model, stage, stage_dir: Path, step: int) -> dict[str, float]:
+        from continual_opd.evals import run_suite
+
+        results: dict[str, float] = {}
+        t0 = time.time()
+        out_dir = stage_dir / "evals" / f"step-{step:06d}"
+        for ref in stage.suites or self.recipe.evals.suites:
+            suite = self.suites[ref]
+            values = run_suite(suite, model, self.tokenizer, out_dir, seed=self.recipe.seed,
+                               chat_template_kwargs=self.recipe.model.chat_template_kwargs, progress=self.progress)
+            self.sink.log(step, suite.name, values)
+            results.update({f"{suite.name}/{k}": v for k, v in values.items()})
+        if self.kl_monitor is not None:
+            kl = self.kl_monitor.kl(model)
+            self.sink.log(step, "kl_monitor", {"kl_to_stage_start": kl})
+            results["kl_monitor/kl_to_stage_start"] = kl
+        self.sink.log(step, "time", {"eval_s": time.time() - t0})
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- run dir
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
+    run_dir = Path(recipe.output_dir).expanduser().resolve()
+    resolved = recipe_to_yaml(recipe)
+    if resume:
+        if not (run_dir / STATE_FILE).exists():
+            raise RunDirError(f"{run_dir}: nothing to resume (no {STATE_FILE}); run without --resume to start it")
+        old = (run_dir / "recipe.resolved.yaml").read_text(encoding="utf-8")
+        if yaml.safe_load(old) != yaml.safe_load(resolved):
+            raise RunDirError(f"{run_dir}: the recipe differs from the run's recipe.resolved.yaml; resume with the "
+                              "same recipe and overrides, or start a new output_dir")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir}: run directory exists and is not empty; pick a new output_dir=... "
+                          "or continue it with --resume (nothing was changed)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.resolved.yaml", resolved)
+    return run_dir
+
+
+def _stage_dir(run_dir: Path, i: int, name: str) -> Path:
+    return run_dir / "stages" / f"{i:02d}-{name}"
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = [c for c in ckpts if (c / "COMPLETE").exists()]  # a checkpoint written half-way is ignored
+    return ckpts[-1] if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------- main loop
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run every stage of the recipe; return the run directory."""
+    from continual_opd.stages import STAGE_RUNNERS
+
+    preflight(recipe)  # bad data fails here, before the run dir is touched
+    run_dir = prepare_run_dir(recipe, resume)
+    state = json.loads((run_dir / STATE_FILE).read_text()) if resume else {"completed": [], "global_step": 0}
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    sink = MetricsSink(run_dir, recipe.report_to, run_name=recipe.name)
+    seed_everything(recipe.seed)
+    try:
+        base = models.resolve_base(recipe.model, recipe.cache_dir, progress=progress)
+        tokenizer = models.load_tokenizer(base, recipe.model)
+        snapshots = {"base": models.ModelRef(base)}
+        current = models.ModelRef(base)
+        base_ref = base
+        for done in state["completed"]:
+            snapshots.update({k: models.ModelRef(**v) for k, v in done["snapshots"].items()})
+            current = models.ModelRef(**done["ref"])
+            base_ref = done["base_ref"]
+        model = models.load_model(current, recipe.model)
+        evaluator = Evaluator(recipe, tokenizer, sink, run_dir, progress)
+        n_done = len(state["completed"])
+        for i, stage in enumerate(recipe.stages):
+            if i < n_done:
+                continue
+            stage_dir = _stage_dir(run_dir, i, stage.name)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            global_offset = state["global_step"]
+            sink.set_stage(stage.name, i, stage.kind, global_offset)
+            stage_snaps = {f"before-{stage.name}": current}
+            snapshots.update(stage_snaps)
+            log.info("stage %d/%d: %s (%s)", i + 1, len(recipe.stages), stage.name, stage.kind)
+            t0 = time.time()
+            if stage.kind == "eval":
+                results = evaluator(model, stage, stage_dir, 0)
+                steps = 0
+            else:
+                resume_from = latest_checkpoint(stage_dir) if resume else None
+                if resume_from is not None:
+                    step = int(resume_from.name.split("-")[-1])
+                    dropped = sink.truncate_after(i, step)
+                    log.info("resuming %s from %s (%d later metric rows dropped)", stage.name, resume_from, dropped)
+                else:
+                    sink.truncate_after(i, -1)  # rows of a stage killed before its first checkpoint
+                model = models.prepare_for_stage(model, stage.finetune, stage.lora)
+                if not models.is_peft(model):
+                    base_ref = current.base if current.adapter is None else base_ref
+                evaluator.kl_monitor = _make_kl_monitor(recipe, tokenizer, model)
+                ctx = StageContext(model=model, tokenizer=tokenizer, recipe=recipe, stage_index=i, stage_dir=stage_dir,
+                                   sink=sink, evaluate=lambda m, step, _s=stage, _d=stage_dir: evaluator(m, _s, _d, step),
+                                   base_ref=base_ref, snapshots=dict(snapshots), resume_from=resume_from, progress=progress)
+                results, steps = STAGE_RUNNERS[stage.kind](stage, ctx)
+                model = ctx.model
+                evaluator.kl_monitor = None
+                if not models.is_peft(model):
+                    base_ref = str(stage_dir / "final")
+                current = models.save_model(model, tokenizer, stage_dir / "final", base_ref)
+            stage_snaps[f"after-{stage.name}"] = current
+            snapshots.update(stage_snaps)
+            sink.log(steps, "time", {"stage_s": time.time() - t0})
+            summary[stage.name] = {k: v for k, v in results.items() if not k.startswith("time/")}
+            atomic_write_json(run_dir / "summary.json", summary)
+            state["global_step"] = global_offset + steps
+            state["completed"].append({"index": i, "name": stage.name, "ref": current.to_dict(), "base_ref": base_ref,
+                                       "snapshots": {k: v.to_dict() for k, v in stage_snaps.items()}})
+            atomic_write_json(run_dir / STATE_FILE, state)
+    finally:
+        sink.close()
+    if recipe.report:
+        try:
+            from continual_opd.report import write_report
+
+            write_report(run_dir)
+        except Exception as e:  # a report problem must not hide a finished run
+            log.warning("could not write the report for %s: %s", run_dir, e)
+    return run_dir
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check every data source and suite a recipe names, so bad input fails before any model work."""
+    from continual_opd.data import check_sources
+    from continual_opd.evals import load_suite
+    from continual_opd.io import read_jsonl
+
+    base = Path(recipe.source).parent if recipe.source else None
+    for stage in recipe.stages:
+        for ref in stage.suites or recipe.evals.suites:
+            load_suite(ref, base)
+        if isinstance(stage, SFTStage):
+            check_sources(stage.data)
+        if isinstance(stage, OPDStage):
+            for p in stage.prompts + stage.doc_prompts:
+                read_jsonl(p, what="prompts")
+            if stage.replay.batch_size > 0:
+                check_sources(stage.replay.data)
+    if recipe.evals.kl_prompts:
+        read_jsonl(recipe.evals.kl_prompts, what="prompts")
+
+
+def _make_kl_monitor(recipe: Recipe, tokenizer, model):
+    if not recipe.evals.kl_prompts:
+        return None
+    from continual_opd.evals.kl_monitor import KLMonitor
+
+    return KLMonitor.from_file(recipe.evals.kl_prompts, tokenizer, model, n=recipe.evals.kl_num_prompts,
+                               max_new_tokens=recipe.evals.kl_max_new_tokens,
+                               chat_template_kwargs=recipe.model.chat_template_kwargs)

@@ -1,0 +1,106 @@
+"""SFT / mid-training stage: TRL's SFTTrainer on a token-ratio mixture of documents, chat and QA.
+
+Top to bottom: build the mixture (pre-tokenized `input_ids` + `labels`, so TRL uses our loss masks as is)
+→ SFTTrainer (full fine-tuning or the LoRA adapter prepared by the pipeline) → a callback that runs the
+recipe's eval suites every `eval_every` steps on the live model, mirrors train loss into metrics.jsonl,
+and marks finished checkpoints → resume through HF Trainer's `resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from continual_opd.config import SFTStage
+from continual_opd.data import build_mixture, build_pools
+
+log = logging.getLogger(__name__)
+
+
+class StageCallback(TrainerCallback):
+    """Evals every N steps + metrics mirroring + checkpoint completion markers, shared by training stages."""
+
+    def __init__(self, stage, ctx, steps: int, samples_per_step: int):
+        self.stage, self.ctx, self.steps, self.samples_per_step = stage, ctx, steps, samples_per_step
+        self.eval_s = 0.0
+        self.results: dict = {}
+        self._t_start = time.time()
+        self._tokens_at_start = ctx.sink.tokens
+        self._samples_at_start = ctx.sink.samples
+
+    def _due(self, step: int) -> bool:
+        return step == self.steps or (self.stage.eval_every and step % self.stage.eval_every == 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        step = state.global_step
+        sink = self.ctx.sink
+        sink.samples = self._samples_at_start + step * self.samples_per_step
+        sink.tokens = self._tokens_at_start + int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        if self._due(step):
+            t0 = time.time()
+            self.results = self.ctx.evaluate(model, step)
+            self.eval_s += time.time() - t0
+            sink.log(step, "time", {"train_s": time.time() - self._t_start - self.eval_s, "eval_total_s": self.eval_s})
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        keep = {k: v for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm") and v is not None}
+        if keep:
+            self.ctx.sink.log(state.global_step, "train", keep)
+
+    def on_save(self, args, state, control, **kw):
+        # The Trainer has finished writing checkpoint-N when on_save fires: mark it complete for resume.
+        ckpt = self.ctx.stage_dir / "checkpoints" / f"checkpoint-{state.global_step}"
+        if ckpt.exists():
+            (ckpt / "COMPLETE").write_text("ok\n")
+
+
+def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
+    from trl import SFTConfig, SFTTrainer
+
+    recipe = ctx.recipe
+    tok = ctx.tokenizer
+    samples_per_step = stage.batch_size * stage.grad_accum
+    pools = build_pools(stage.data, tok, stage.max_seq_len, recipe.model.chat_template_kwargs)
+    mix = build_mixture(pools, stage.data.mix, stage.steps * samples_per_step, seed=recipe.seed)
+    log.info("SFT mixture: %s examples available; realized token share %s (target %s)", mix.source_sizes,
+             {k: round(v, 3) for k, v in mix.token_share.items()}, stage.data.mix)
+    if ctx.resume_from is None:
+        ctx.sink.log(0, "data", {f"token_share/{k}": v for k, v in mix.token_share.items()}
+                     | {f"examples/{k}": n for k, n in mix.source_sizes.items()})
+    train = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in mix.examples])
+
+    args = SFTConfig(
+        output_dir=str(ctx.stage_dir / "checkpoints"),
+        max_steps=stage.steps,
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type=stage.lr_scheduler,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        max_length=stage.max_seq_len,
+        logging_steps=1,
+        save_strategy="steps" if stage.save_every else "no",
+        save_steps=stage.save_every or 1,
+        save_only_model=False,
+        report_to=[],
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not ctx.progress,
+        bf16=next(ctx.model.parameters()).dtype == torch.bfloat16,
+    )
+    callback = StageCallback(stage, ctx, stage.steps, samples_per_step)
+    trainer = SFTTrainer(model=ctx.model, args=args, train_dataset=train, processing_class=tok, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    ctx.model = trainer.model
+    if not callback.results:  # resumed at the very end: nothing left to evaluate in this process
+        callback.results = ctx.evaluate(ctx.model, stage.steps)
+    return callback.results, stage.steps
