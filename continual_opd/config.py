@@ -64,9 +64,12 @@ class SFTDataConfig(Strict):
         for k, w in self.mix.items():
             if w < 0:
                 raise ValueError(f"mix.{k} is negative ({w}); use a weight in [0, 1]")
+        return self
+
+    def check_sources_listed(self) -> None:
+        for k, w in self.mix.items():
             if w > 0 and not getattr(self, k):
                 raise ValueError(f"mix.{k} is {w} but `{k}` lists no sources; add a source or set mix.{k}: 0")
-        return self
 
 
 class StageBase(Strict):
@@ -102,6 +105,12 @@ class SFTStage(TrainStageBase):
     max_seq_len: int = Field(256, gt=8)  # documents are chunked to this length; chat longer is truncated
     lr_scheduler: str = "constant_with_warmup"
 
+    @field_validator("data")
+    @classmethod
+    def _data_has_sources(cls, data):
+        data.check_sources_listed()
+        return data
+
 
 class ReplayConfig(Strict):
     data: SFTDataConfig = Field(default_factory=SFTDataConfig)  # SFT examples replayed during OPD
@@ -128,6 +137,8 @@ class OPDStage(TrainStageBase):
 
     @model_validator(mode="after")
     def _check_prompts(self):
+        if self.replay.batch_size > 0:
+            self.replay.data.check_sources_listed()
         if not self.prompts:
             raise ValueError("`prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)")
         return self

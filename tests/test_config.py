@@ -1,0 +1,135 @@
+"""Recipe loading: overrides, path resolution, and the exact one-line error for each malformed recipe."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from continual_opd.cli import main
+from continual_opd.config import load_recipe
+from continual_opd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "output_dir": "runs/t",
+    "stages": [
+        {"name": "baseline", "kind": "eval"},
+        {"name": "sft", "kind": "sft", "data": {"documents": ["docs"], "chat": ["chat.jsonl"],
+                                                  "mix": {"documents": 0.7, "chat": 0.3}}},
+        {"name": "opd", "kind": "opd", "teacher": "snapshot:before-sft", "prompts": ["p.jsonl"]},
+    ],
+}
+
+
+def write(tmp_path, data, text=None):
+    p = tmp_path / "r.yaml"
+    p.write_text(text if text is not None else yaml.safe_dump(data))
+    return p
+
+
+def patched(**changes):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        node = d
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[int(k)] if k.isdigit() else node[k]
+        last = keys[-1]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+    return d
+
+
+DELETE = object()
+
+# (recipe, expected error message after the `<file>: ` prefix)
+MALFORMED = [
+    (patched(stages__1__lrr=1e-4), "stages.1.lrr: unknown key; did you mean 'lr'?"),
+    (patched(modle={"name": "demo"}), "modle: unknown key; did you mean 'model'?"),
+    (patched(stages__2__tempreature=0.7), "stages.2.tempreature: unknown key; did you mean 'temperature'?"),
+    (patched(stages__0__kind="train"), "stages.0.kind: 'train' is not a stage kind; use one of eval, sft, opd"),
+    (patched(output_dir=DELETE), "output_dir: required field is missing; add `output_dir: ...`"),
+    (patched(stages__1__lr=-1.0), "stages.1.lr: Input should be greater than 0 (got -1.0)"),
+    (patched(stages__1__steps="many"),
+     "stages.1.steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"),
+    (patched(stages__1__data__mix={"documents": 0.7, "chat": 0.4}),
+     "stages.1.data: mix weights sum to 1.1; make them sum to 1 (e.g. documents: 0.7, chat: 0.3)"),
+    (patched(stages__1__data__mix={"documents": 0.5, "qa": 0.5}),
+     "stages.1.data: mix.qa is 0.5 but `qa` lists no sources; add a source or set mix.qa: 0"),
+    (patched(stages__1__finetune="qlora"), "stages.1.finetune: Input should be 'full' or 'lora' (got 'qlora')"),
+    (patched(stages__2__loss="kl"),
+     "stages.2.loss: Input should be 'sampled', 'full', 'forward' or 'jsd' (got 'kl')"),
+    (patched(stages__2__prompts=[]),
+     "stages.2: `prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)"),
+    (patched(stages=[{"name": "a", "kind": "eval"}, {"name": "a", "kind": "eval"}]),
+     "stages: stage name 'a' is used twice; give each stage a unique name (got [...])"),
+    (patched(stages__1__lora={"rank": 8}), "stages.1.lora.rank: unknown key; valid keys: alpha, dropout, modules_to_save, r, target_modules"),
+    (patched(report_to=["mlflow"]), "report_to.0: Input should be 'tensorboard' or 'wandb' (got 'mlflow')"),
+]
+
+
+@pytest.mark.parametrize("data,expected", MALFORMED, ids=[m[1].split(":")[0] for m in MALFORMED])
+def test_malformed_recipe_gives_exact_one_line_error(tmp_path, data, expected):
+    p = write(tmp_path, data)
+    with pytest.raises(ConfigError) as ei:
+        load_recipe(p)
+    msg = str(ei.value)
+    expected = expected.replace(" (got [...])", "")
+    assert msg == f"{p}: {expected}"
+    assert "\n" not in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = write(tmp_path, None, text="name: t\noutput_dir: x\nstages: [\n  {name: a, kind: eval\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:\d+: invalid YAML"):
+        load_recipe(p)
+
+
+def test_missing_and_empty_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="recipe is empty"):
+        load_recipe(write(tmp_path, None, text=""))
+
+
+def test_overrides_win_and_paths_resolve(tmp_path):
+    p = write(tmp_path, BASE)
+    r = load_recipe(p, ["stages.1.lr=1e-4", "output_dir=/tmp/x", "seed=3", "stages.2.loss=full"])
+    assert r.stages[1].lr == 1e-4 and r.output_dir == "/tmp/x" and r.seed == 3 and r.stages[2].loss == "full"
+    assert r.stages[1].data.documents == [str(tmp_path / "docs")]  # relative to the recipe file
+    assert r.stages[2].prompts == [str(tmp_path / "p.jsonl")]
+
+
+def test_override_errors(tmp_path):
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_recipe(p, ["stages.1.lr"])
+    with pytest.raises(ConfigError, match=r"stages.7 is not an index of a 3-item list; use 0..2"):
+        load_recipe(p, ["stages.7.lr=1"])
+    with pytest.raises(ConfigError, match=r"stages.1.lrr: unknown key; did you mean 'lr'\?"):
+        load_recipe(p, ["stages.1.lrr=1"])
+
+
+def test_lr_defaults_depend_on_finetune_mode(tmp_path):
+    r = load_recipe(write(tmp_path, patched(stages__1__finetune="lora")))
+    assert r.stages[1].learning_rate == 1e-4
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.stages[1].learning_rate == 2e-5
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    p = write(tmp_path, patched(stages__1__lrr=1))
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {p}: stages.1.lrr: unknown key; did you mean 'lr'?"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe, capsys):
+    assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
