@@ -29,3 +29,9 @@ class ModelError(ContinualOPDError):
     """A model/tokenizer cannot be loaded or is incompatible with its teacher."""
 
     exit_code = 2
+
+
+class TrainingError(ContinualOPDError):
+    """Training cannot continue (e.g. a NaN/inf loss); the message names the last good checkpoint."""
+
+    exit_code = 1

@@ -1,0 +1,248 @@
+"""On-policy distillation (OPD) stage: the student samples, a frozen snapshot teacher scores every token.
+
+One step, top to bottom:
+    sample     the student answers `prompts_per_step` prompts × `samples_per_prompt` (KV-cached generate)
+    teacher    the frozen teacher scores the same tokens (for a LoRA student whose teacher is its own base:
+               the same model with adapters disabled, so only one model is in memory)
+    student    the student scores them with gradients
+    loss       per-token divergence on response tokens (estimator chosen in the recipe, see losses.py)
+               + `replay.weight` × LM loss on replayed SFT examples (keeps the new knowledge)
+    step       AdamW, grad-norm clipping
+    log        teacher KL, entropy, lengths, truncation, tokens, wall time split generate/teacher/student
+    eval/save  suites every `eval_every` steps, checkpoints every `save_every` steps (resume restores RNG)
+
+Why a hand-written loop and not TRL's DistillationTrainer: TRL 1.16's trainer needs a separate teacher model
+object (no adapter-disabled teacher), offers full-vocabulary divergences only (not the sampled-token reverse
+KL estimator that works with any teacher served elsewhere), and has no place for a replay loss or the per-step
+generate/teacher/student timings. The estimators themselves are pure functions in losses.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from continual_opd import models
+from continual_opd.config import OPDStage
+from continual_opd.data import build_mixture, build_pools
+from continual_opd.errors import TrainingError
+from continual_opd.evals.kl_monitor import prompts_from_rows
+from continual_opd.generation import render_prompts
+from continual_opd.io import atomic_write_json, read_jsonl
+from continual_opd.stages import losses
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_prompts(stage: OPDStage) -> tuple[list, list]:
+    chat = [p for f in stage.prompts for p in prompts_from_rows(read_jsonl(f, what="prompts"))]
+    docs = [p for f in stage.doc_prompts for p in prompts_from_rows(read_jsonl(f, what="prompts"))]
+    return chat, docs
+
+
+def pick_prompts(chat: list, docs: list, n: int, doc_fraction: float, rng: random.Random) -> list:
+    n_doc = round(n * doc_fraction) if docs else 0
+    return rng.sample(chat, min(n - n_doc, len(chat))) + (rng.sample(docs, min(n_doc, len(docs))) if n_doc else [])
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwargs: dict):
+    """Sample `samples_per_prompt` answers per prompt. Returns ids/attention/position ids of prompt+answer
+    (prompts left-padded), the response mask (answer tokens up to and including EOS) and truncation flags."""
+    texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    out_BT = model.generate(**enc, do_sample=True, temperature=stage.temperature, top_p=stage.top_p, top_k=0,
+                            max_new_tokens=stage.max_new_tokens, num_return_sequences=stage.samples_per_prompt,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    model.train(was_training)
+    P = enc["input_ids"].shape[1]
+    resp_BL = out_BT[:, P:]
+    is_eos_BL = resp_BL == tokenizer.eos_token_id
+    # response = tokens up to and including the first EOS; later positions are padding
+    after_eos_BL = (is_eos_BL.cumsum(1) - is_eos_BL.long()) > 0
+    resp_mask_BL = ~after_eos_BL
+    truncated_B = ~is_eos_BL.any(1)
+    prompt_attn_BP = enc["attention_mask"].repeat_interleave(stage.samples_per_prompt, 0)
+    attn_BT = torch.cat([prompt_attn_BP, resp_mask_BL.long()], 1)
+    pos_BT = (attn_BT.cumsum(1) - 1).clamp(min=0)
+    return out_BT, attn_BT, pos_BT, resp_mask_BL, truncated_B
+
+
+def response_logits(model, ids_BT, attn_BT, pos_BT, L: int) -> torch.Tensor:
+    """Logits that predict the L response tokens: positions P-1 .. P+L-2 of the full sequence."""
+    logits = model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT, logits_to_keep=L + 1).logits
+    return logits[:, :-1]
+
+
+def divergence(stage: OPDStage, s_logits_BLV, t_logits_BLV, tokens_BL, mask_BL):
+    if stage.loss == "sampled":  # the reference method: only the sampled tokens' log-probs are needed
+        s_BL = losses.gather_token_logprobs(s_logits_BLV, tokens_BL)
+        q_BL = losses.gather_token_logprobs(t_logits_BLV, tokens_BL)
+        return losses.sampled_reverse_kl_loss(s_BL, q_BL, mask_BL, gamma=stage.gamma)
+    if stage.loss == "full":
+        return losses.full_reverse_kl_loss(s_logits_BLV, t_logits_BLV, mask_BL)
+    if stage.loss == "forward":
+        return losses.forward_kl_loss(s_logits_BLV, t_logits_BLV, mask_BL)
+    return losses.generalized_jsd_loss(s_logits_BLV, t_logits_BLV, mask_BL, beta=stage.beta)
+
+
+def pad_batch(examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return ids.to(device), labels.to(device), attn.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _trainable_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(ckpt: Path, model, optimizer, step: int) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               ckpt / "state.pt")
+    atomic_write_json(ckpt / "trainer_state.json", {"step": step})
+    (ckpt / "COMPLETE").write_text("ok\n")  # written last: a half-written checkpoint is never resumed from
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> int:
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["params"].items():
+            params[k].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
+    recipe, model, tok = ctx.recipe, ctx.model, ctx.tokenizer
+    tmpl_kw = recipe.model.chat_template_kwargs
+    teacher_ref = ctx.resolve_teacher(stage.teacher)
+    if teacher_ref.base != ctx.snapshots["base"].base or teacher_ref.adapter:
+        teacher_tok = models.load_tokenizer(teacher_ref.adapter or teacher_ref.base, recipe.model)
+        models.check_same_tokenization(tok, teacher_tok, tmpl_kw, student=recipe.model.name, teacher=stage.teacher)
+    chat_prompts, doc_prompts = load_prompts(stage)
+    replay = None
+    if stage.replay.batch_size > 0:
+        pools = build_pools(stage.replay.data, tok, stage.replay.max_seq_len, tmpl_kw)
+        replay = build_mixture(pools, stage.replay.data.mix, stage.steps * stage.replay.batch_size, seed=recipe.seed).examples
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
+    warm = max(stage.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    start = 0
+    if ctx.resume_from is not None:
+        start = load_checkpoint(ctx.resume_from, model, optimizer)
+        scheduler.last_epoch = start - 1
+        scheduler.step()
+    model.train()
+    results: dict = {}
+    last_good = ctx.resume_from
+    t_train = t_eval = 0.0
+    n_samples = stage.prompts_per_step * stage.samples_per_prompt
+    bar = tqdm(total=stage.steps, initial=start, desc=f"opd {stage.name}", unit="step", disable=not ctx.progress)
+    with models.teacher_view(model, teacher_ref, ctx.base_ref, recipe.model) as teacher:
+        for step in range(start + 1, stage.steps + 1):
+            t0 = time.time()
+            rng = random.Random(recipe.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
+            prompts = pick_prompts(chat_prompts, doc_prompts, stage.prompts_per_step, stage.doc_prompt_fraction, rng)
+
+            # 1. sample from the student
+            ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, prompts, stage, tmpl_kw)
+            L = mask_BL.shape[1]
+            tokens_BL = ids_BT[:, -L:]
+            t1 = time.time()
+
+            # 2. teacher scores every sampled token (no gradient)
+            with torch.no_grad():
+                t_logits_BLV = response_logits(teacher, ids_BT, attn_BT, pos_BT, L)
+            t2 = time.time()
+
+            # 3. student scores them; per-token divergence on response tokens (+ replay LM loss)
+            s_logits_BLV = response_logits(model, ids_BT, attn_BT, pos_BT, L)
+            loss, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL, mask_BL)
+            kl_loss = loss
+            if replay is not None:
+                batch = replay[(step - 1) * stage.replay.batch_size: step * stage.replay.batch_size]
+                r_ids, r_labels, r_attn = pad_batch(batch, tok.pad_token_id, model.device)
+                r_loss, _ = losses.lm_loss(model(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
+                loss = loss + stage.replay.weight * r_loss
+            if not torch.isfinite(loss):
+                raise TrainingError(f"stage {stage.name}: loss is {loss.item()} at step {step}; last good checkpoint: "
+                                    f"{last_good or 'none (stage start)'}; lower stages.{ctx.stage_index}.lr or check the teacher")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            t3 = time.time()
+
+            # 4. log
+            with torch.no_grad():
+                s_lp = torch.log_softmax(s_logits_BLV.detach().float(), -1)
+                t_lp = torch.log_softmax(t_logits_BLV.float(), -1)
+                m = mask_BL.float()
+                tok_lp_s, tok_lp_t = s_lp.gather(-1, tokens_BL[..., None])[..., 0], t_lp.gather(-1, tokens_BL[..., None])[..., 0]
+                teacher_kl = float(((tok_lp_s - tok_lp_t) * m).sum() / m.sum().clamp(min=1))  # sampled reverse KL / token
+                entropy = float((-(s_lp.exp() * s_lp).sum(-1) * m).sum() / m.sum().clamp(min=1))
+            n_tok = int(mask_BL.sum())
+            ctx.sink.tokens += n_tok
+            ctx.sink.samples += n_samples
+            row = {"loss": loss.item(), "distill_loss": kl_loss.item(), "teacher_kl": teacher_kl,
+                   "student_entropy": entropy, "response_len": n_tok / len(mask_BL),
+                   "truncation_rate": float(truncated_B.float().mean()), "tokens_sampled": n_tok,
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "time_generate_s": t1 - t0, "time_teacher_s": t2 - t1, "time_student_s": t3 - t2}
+            if replay is not None:
+                row["replay_loss"] = r_loss.item()
+            ctx.sink.log(step, "opd", row)
+            t_train += time.time() - t0
+            bar.update(1)
+            bar.set_postfix(kl=f"{teacher_kl:.3f}", len=f"{row['response_len']:.1f}")
+
+            # 5. eval and checkpoint
+            if step == stage.steps or (stage.eval_every and step % stage.eval_every == 0):
+                te = time.time()
+                results = ctx.evaluate(model, step)
+                t_eval += time.time() - te
+                ctx.sink.log(step, "time", {"train_s": t_train, "eval_total_s": t_eval})
+                model.train()
+            if stage.save_every and step % stage.save_every == 0:
+                last_good = ctx.stage_dir / "checkpoints" / f"checkpoint-{step}"
+                save_checkpoint(last_good, model, optimizer, step)
+    bar.close()
+    if not results:  # resumed at the very end
+        results = ctx.evaluate(model, stage.steps)
+    return results, stage.steps

@@ -1,0 +1,157 @@
+"""End-to-end pipeline on a tiny model: run-dir contract, snapshots, SFT/OPD stages, resume, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from continual_opd.cli import main
+from continual_opd.config import load_recipe
+from continual_opd.errors import DataError, RunDirError
+from continual_opd.pipeline import run_recipe
+from conftest import build_tiny_lm
+
+IF_ROWS = [
+    {"key": 1, "prompt": "Name a fruit. Answer in lowercase letters only.",
+     "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+    {"key": 2, "prompt": "Say hello. Do not use any commas.",
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+]
+QA = [{"question": "Who leads the Oslo office?", "answer": "Ada Berg"},
+      {"question": "What is the code of the Falcon product?", "answer": "FX-42"}]
+CHAT = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                      {"role": "assistant", "content": f"It is {a + b}."}]} for a in range(4) for b in range(4)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model, tok = build_tiny_lm()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "docs").mkdir()
+    (root / "docs" / "handbook.md").write_text("Ada Berg leads the Oslo office. The Falcon product code is FX-42.\n" * 3)
+    for name, rows in [("ifeval.jsonl", IF_ROWS), ("qa.jsonl", QA), ("chat.jsonl", CHAT)]:
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "ifeval.yaml").write_text("name: ifeval\nkind: ifeval\ndata: ifeval.jsonl\nmax_new_tokens: 8\n")
+    (root / "domain_qa.yaml").write_text("name: domain_qa\nkind: domain_qa\ndata: qa.jsonl\nmax_new_tokens: 8\n")
+    recipe = {
+        "name": "tiny", "seed": 0, "output_dir": str(root / "runs" / "default"),
+        "model": {"name": "model"}, "report": False,
+        "evals": {"suites": ["ifeval.yaml", "domain_qa.yaml"], "kl_prompts": "chat.jsonl", "kl_num_prompts": 4,
+                  "kl_max_new_tokens": 6},
+        "stages": [
+            {"name": "baseline", "kind": "eval"},
+            {"name": "sft", "kind": "sft", "steps": 4, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "save_every": 2,
+             "max_seq_len": 32, "data": {"documents": ["docs"], "chat": ["chat.jsonl"], "qa": ["qa.jsonl"],
+                                         "mix": {"documents": 0.4, "qa": 0.3, "chat": 0.3}}},
+            {"name": "after-sft", "kind": "eval"},
+            {"name": "opd", "kind": "opd", "teacher": "snapshot:before-sft", "prompts": ["ifeval.jsonl"],
+             "steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6, "lr": 1e-3,
+             "eval_every": 2, "save_every": 1, "loss": "full",
+             "replay": {"batch_size": 2, "data": {"qa": ["qa.jsonl"], "mix": {"qa": 1.0}}}},
+        ],
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def rows_of(run: Path):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_run_writes_the_contract(world):
+    run = run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    assert (run / "recipe.resolved.yaml").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary) == ["baseline", "sft", "after-sft", "opd"]
+    for stage in summary.values():
+        assert 0.0 <= stage["ifeval/prompt_level_strict_acc"] <= 1.0 and "domain_qa/exact_match" in stage
+    rows = rows_of(run)
+    for r in rows:
+        assert {"stage", "step", "suite", "metric", "value", "time", "global_step", "stage_index"} <= set(r)
+    sft_evals = sorted({r["step"] for r in rows if r["stage"] == "sft" and r["suite"] == "ifeval"})
+    assert sft_evals == [2, 4]
+    opd = [r for r in rows if r["stage"] == "opd" and r["suite"] == "opd"]
+    assert {"teacher_kl", "student_entropy", "truncation_rate", "time_generate_s", "replay_loss"} <= {r["metric"] for r in opd}
+    assert max(r["global_step"] for r in rows) == 4 + 3  # global step continues across stages
+    assert any(r["suite"] == "kl_monitor" for r in rows)
+    assert any(r["suite"] == "data" and r["metric"] == "token_share/documents" for r in rows)
+    # the model after each training stage is on disk, and evals saved their generations
+    assert (run / "stages" / "01-sft" / "final" / "config.json").exists()
+    assert (run / "stages" / "00-baseline" / "evals" / "step-000000" / "ifeval.jsonl").exists()
+
+
+def test_existing_run_dir_is_never_overwritten(world, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="exists and is not empty"):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("crash_stage,crash_step", [("sft", 3), ("opd", 2)])
+def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_stage, crash_step):
+    from continual_opd import tracking
+
+    ref_dir = world / "runs" / "default"
+    if not (ref_dir / "summary.json").exists():
+        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    out = tmp_path / "run"
+    original = tracking.MetricsSink.log
+
+    def crashing_log(self, step, suite, values, **kw):
+        if self.stage == crash_stage and step == crash_step and suite in ("train", "opd"):
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, suite, values, **kw)
+
+    monkeypatch.setattr(tracking.MetricsSink, "log", crashing_log)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
+    monkeypatch.setattr(tracking.MetricsSink, "log", original)
+    run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), resume=True, progress=False)
+    got = json.loads((out / "summary.json").read_text())
+    want = json.loads((ref_dir / "summary.json").read_text())
+    assert got.keys() == want.keys()
+    for stage in want:
+        for k, v in want[stage].items():
+            if "time" not in k:
+                assert got[stage][k] == pytest.approx(v, abs=1e-6), (stage, k)
+    key = lambda r: (r["stage"], r["step"], r["suite"], r["metric"])
+    evals = lambda rows: {key(r): r["value"] for r in rows if r["suite"] in ("ifeval", "domain_qa", "train") and "time" not in r["metric"]}
+    assert evals(rows_of(out)) == pytest.approx(evals(rows_of(ref_dir)), abs=1e-6)
+
+
+def test_bad_data_fails_before_anything_is_written(world, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + "\n{not json\n")
+    out = tmp_path / "run"
+    code = main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}", f"stages.1.data.chat=[{bad}]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2); fix or remove the line"
+    assert not out.exists()
+
+
+def test_chat_row_without_assistant_turn(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: chat row has no final assistant turn"):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}", f"stages.1.data.chat=[{bad}]"]))
+
+
+def test_missing_and_empty_data(world, tmp_path):
+    with pytest.raises(DataError, match="documents source not found"):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}", "stages.1.data.documents=[nope]"]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: no chat rows found"):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}", f"stages.1.data.chat=[{empty}]"]))
+
+
+def test_lora_target_module_the_model_lacks(world, tmp_path, capsys):
+    code = main(["recipe", str(world / "recipe.yaml"), f"output_dir={tmp_path / 'r'}", "--no-progress",
+                 "stages.1.finetune=lora", "stages.1.lora.target_modules=[q_proj,query_key_value]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora.target_modules: ['query_key_value'] not found in LlamaForCausalLM" in err
