@@ -31,6 +31,8 @@ DEFAULT_DOMAIN_KEY = "domain_qa/exact_match"
 DEFAULT_IF_KEY = "ifeval/prompt_level_strict_acc"
 # Suites that log training statistics (loss, KL of the batch), not evaluations of the model.
 TRAIN_SUITES = frozenset({"train", "opd"})
+# Everything else the pipeline logs that is not an evaluation: timings and SFT data-mix statistics.
+NON_EVAL_SUITES = TRAIN_SUITES | {"time", "data"}
 # Metric-name fragments of lower-is-better metrics (forgetting flips its sign for them).
 LOWER_IS_BETTER = ("kl", "loss", "perplexity", "ppl")
 REQUIRED = ("stage", "step", "suite", "metric", "value", "time")
@@ -101,10 +103,12 @@ def _load_one(run_dir: Path, name: str, recipe: dict | None) -> pd.DataFrame:
     df["stage"] = df["stage"].astype(str)
     # Missing optional fields are rebuilt from what is there (older or hand-written metrics files).
     order = list(dict.fromkeys(df["stage"]))
-    df["stage_index"] = df["stage_index"].fillna(df["stage"].map({s: i for i, s in enumerate(order)})).astype(int)
+    df["stage_index"] = (pd.to_numeric(df["stage_index"], errors="coerce")
+                         .fillna(df["stage"].map({s: i for i, s in enumerate(order)})).astype(int))
     kinds = {s.get("name"): s.get("kind") for s in (recipe or {}).get("stages", []) or [] if isinstance(s, dict)}
     df["kind"] = [k if isinstance(k, str) else _guess_kind(s, kinds) for k, s in zip(df["kind"], df["stage"])]
     df["step"] = df["step"].astype(int)
+    df["global_step"] = pd.to_numeric(df["global_step"], errors="coerce")
     if df["global_step"].isna().any():
         offset, offsets = 0, {}
         for _, g in df.groupby("stage_index", sort=True):
@@ -164,10 +168,16 @@ def _one_run(df: pd.DataFrame, run: str | None) -> pd.DataFrame:
     return df[df["run"] == run] if len(runs) > 1 else df
 
 
+def is_timing(metric: str) -> bool:
+    """Durations logged next to scores (`eval_time_s`, `train_s`): not a property of the model."""
+    return metric.endswith("_s") or metric.endswith("time") or metric.startswith("time_")
+
+
 def eval_rows(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
-    """Rows that evaluate the model (every suite except the training-statistics suites TRAIN_SUITES)."""
+    """Rows that evaluate the model: every suite except NON_EVAL_SUITES (training statistics, timings, data),
+    without the timing metrics that suites log next to their scores (e.g. ifeval/eval_time_s)."""
     d = _one_run(df, run)
-    return d[~d["suite"].isin(TRAIN_SUITES) & d["value"].notna()]
+    return d[~d["suite"].isin(NON_EVAL_SUITES) & d["value"].notna() & ~d["metric"].map(is_timing).astype(bool)]
 
 
 def stages(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
@@ -300,9 +310,10 @@ def time_to_recovery(df: pd.DataFrame, run: str | None = None, if_key: str = DEF
                      fraction: float = 0.9) -> dict | None:
     """First eval point inside the OPD stage with IF >= R_after_sft + fraction * (R_base - R_after_sft).
 
-    Returns {"steps", "samples", "tokens", "wall_s", "global_step", "value", "threshold"}: OPD steps, OPD
-    training samples/tokens and seconds since the OPD stage began; samples/tokens/wall_s are None when not
-    logged. None if never reached, if SFT lost nothing, or if there is no OPD stage.
+    Returns {"steps", "samples", "tokens", "wall_s", "train_s", "global_step", "value", "threshold"}: OPD
+    steps; OPD training samples/tokens; wall_s = seconds from the previous stage's last logged row (so stage
+    setup and in-stage evals count); train_s = training seconds only (the pipeline's `time/train_s`).
+    Counters not logged are None. Returns None if never reached, if SFT lost nothing, or without OPD stage.
     """
     d = _one_run(df, run)
     a = anchors(d)
@@ -324,8 +335,10 @@ def time_to_recovery(df: pd.DataFrame, run: str | None = None, if_key: str = DEF
         start = earlier[col].max() if earlier[col].notna().any() else start_default
         return None if pd.isna(now) or start is None else float(now - start)
 
+    train_s = upto.loc[upto["key"] == "time/train_s", "value"].max()
     return {"steps": int(row["step"]), "samples": spent("samples", 0.0), "tokens": spent("tokens", 0.0),
-            "wall_s": spent("wall", float(opd["wall"].min())), "global_step": int(row["global_step"]),
+            "wall_s": spent("wall", float(opd["wall"].min())), "train_s": None if pd.isna(train_s) else float(train_s),
+            "global_step": int(row["global_step"]),
             "value": float(row["value"]), "threshold": float(threshold)}
 
 

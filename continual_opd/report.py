@@ -108,7 +108,8 @@ def plot_run(df: pd.DataFrame, run: str, path: Path, domain_key: str = DEFAULT_D
     st, ev = curves.stages(d), curves.eval_rows(d)
     is_kl = d["metric"].str.contains("kl", case=False)
     head = ev[ev["key"].isin([domain_key, if_key])]
-    panels = [("headline", head), ("other evals", ev[~ev["key"].isin([domain_key, if_key]) & ~is_kl.loc[ev.index]]),
+    other = ev[~ev["key"].isin([domain_key, if_key]) & ~is_kl.loc[ev.index] & ~ev["metric"].str.contains("/")]
+    panels = [("headline", head), ("other evals (per-type breakdowns in the score matrix)", other),
               ("training loss", d[d["suite"].isin(TRAIN_SUITES) & d["metric"].str.contains("loss", case=False)]),
               ("KL", d[is_kl & d["value"].notna()])]
     panels = [(n, p) for n, p in panels if not p.empty or n == "headline"]
@@ -136,15 +137,15 @@ def plot_run(df: pd.DataFrame, run: str, path: Path, domain_key: str = DEFAULT_D
             _headline(ax, d, domain_key, if_key, target)
             ax.set_title(f"{run}: domain QA vs instruction following across stages", pad=42, fontsize=13)
         else:
-            for i, key in enumerate(keys[:10]):
+            for i, key in enumerate(keys[:8]):
                 r = rows[rows["key"] == key]
                 _line(ax, r, key, RUN_COLORS[i % len(RUN_COLORS)], smooth=name == "training loss",
                       marker="o" if len(r) < 40 else None, ms=3)
-            if name == "other evals":
+            if name.startswith("other evals"):
                 _accuracy_axis(ax, rows["value"], "score")
             else:
                 ax.set_ylabel("loss (as logged)" if name == "training loss" else "KL (nats, as logged)")
-            ax.set_title(name + (f" (first 10 of {len(keys)} metrics)" if len(keys) > 10 else ""), fontsize=11, loc="left")
+            ax.set_title(name + (f" (first 8 of {len(keys)} metrics)" if len(keys) > 8 else ""), fontsize=11, loc="left")
         ax.tick_params(labelbottom=ax is axes[-1])
     axes[-1].set_xlabel(XLABEL)
     if st["end"].max() == st["start"].min():  # eval-only run: one x position
@@ -258,7 +259,7 @@ def _fmt(v) -> str:
         return str(v)
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}" if abs(v) >= 10_000 else str(int(v))
-    return "0" if v == 0 else f"{v:.3f}" if 1e-3 <= abs(v) < 1e4 else f"{v:.3g}"
+    return f"{v:.3f}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.3g}"
 
 
 def _md_table(t: pd.DataFrame) -> str:
@@ -366,8 +367,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, doma
     _check_headline(df, (domain_key, if_key), notes)
     cl = _cl_table(df, domain_key, if_key).T
     cl.columns, cl.index.name = ["value"], "metric"
-    fg = curves.forgetting(df).to_frame()
-    fg.index.name = "metric"
+    r_m = curves.score_matrix(df, run).T.rename_axis("metric")
+    r_m["forgetting"] = curves.forgetting(df)
     blocks: list[tuple] = [
         ("h1", f"Run report: {run}"),
         ("p", f"Run directory: {run_dir}. Stages: {_stage_list(df, run)}."),
@@ -377,8 +378,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, doma
         ("img", plot_run(df, run, out / "curves.png", domain_key, if_key), "metrics over training steps"),
         ("img", plot_pareto(df, out / "pareto.png", domain_key, if_key), "domain QA vs IF-eval"),
         ("h2", "Continual-learning metrics"), ("table", cl), ("list", DEFINITIONS),
-        ("h2", "Score matrix R[stage end, suite/metric]"), ("table", curves.score_matrix(df, run)),
-        ("h2", "Forgetting per metric"), ("table", fg),
+        ("h2", "Score matrix R (columns: stage ends in order, then forgetting)"), ("table", r_m),
     ]
     return _render(blocks, out, f"Run report: {run}")
 
@@ -422,7 +422,7 @@ def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, dom
         ("table", diff) if len(diff) else ("p", "No differences in the resolved recipes."),
     ]
     for i, r in enumerate(runs):
-        r_m = curves.score_matrix(df, r)
+        r_m = curves.score_matrix(df, r).T.rename_axis("metric")
         blocks += [("h2", f"Run: {r}"), ("img", plot_run(df, r, out / f"curves_{i}.png", domain_key, if_key), r),
-                   ("h3", "Score matrix (metrics shared by all runs)"), ("table", r_m[[c for c in r_m if c in shared]])]
+                   ("h3", "Score matrix (metrics shared by all runs)"), ("table", r_m[r_m.index.isin(shared)])]
     return _render(blocks, out, f"Comparison: {', '.join(runs)}")

@@ -43,7 +43,7 @@ def make_run(root: Path, name: str = "demo", *, recipe_name: str | None = None, 
     rows, state = [], {"wall": 0.0, "samples": 0, "tokens": 0, "g0": 0}
 
     def log(stage, idx, kind, step, suite, metric, value):
-        if suite.split("/")[0] in suites or suite in curves.TRAIN_SUITES:
+        if suite.split("/")[0] in suites or suite in curves.NON_EVAL_SUITES:
             rows.append({"stage": stage, "stage_index": idx, "kind": kind, "step": step,
                          "global_step": state["g0"] + step, "suite": suite, "metric": metric, "value": value,
                          "time": 1.7e9 + state["wall"], "wall": state["wall"], "tokens": state["tokens"],
@@ -55,9 +55,11 @@ def make_run(root: Path, name: str = "demo", *, recipe_name: str | None = None, 
         log(stage, idx, kind, step, "ifeval", "prompt_level_strict_acc", ifv)
         log(stage, idx, kind, step, "ifeval", "inst_level_strict_acc", min(1.0, ifv + 0.08))
         log(stage, idx, kind, step, "kl_monitor", "kl", kl)
+        log(stage, idx, kind, step, "time", "eval_s", 5.0)  # timings are logged too; they are not evals
 
     state["wall"] += 5  # eval rows are logged when the eval finishes
     evals("baseline", 0, "eval", 0, 0.10, 0.70, 0.0)
+    log("sft", 1, "sft", 0, "data", "token_share/documents", 0.7)
     for s in range(1, 101):  # SFT: domain rises, IF drops
         state["wall"] += 1.0
         state["samples"] += 16
@@ -82,6 +84,7 @@ def make_run(root: Path, name: str = "demo", *, recipe_name: str | None = None, 
                 log("opd", 3, "opd", s, "opd", "loss", 0.5 * math.exp(-s / 20) + 0.05 * rng.random())
                 log("opd", 3, "opd", s, "opd", "teacher_kl", 0.6 * math.exp(-s / 25))
             if s in opd_if:
+                log("opd", 3, "opd", s, "time", "train_s", 2.0 * s - 0.5)
                 evals("opd", 3, "opd", s, round(0.80 - s / 60 * 0.03 + shift, 4), opd_if[s], 0.3 * (1 - s / 70))
         state["g0"] = 160
         state["wall"] += 5
@@ -175,7 +178,7 @@ def test_score_matrix_and_forgetting(demo):
     f = curves.forgetting(demo)
     assert f[IF] == pytest.approx(0.70 - 0.67)
     assert f[DOM] == pytest.approx(0.80 - 0.76)
-    assert "train/loss" not in r.columns and "opd/teacher_kl" not in r.columns
+    assert not {"train/loss", "opd/teacher_kl", "time/eval_s", "data/token_share/documents"} & set(r.columns)
     assert f["kl_monitor/kl"] == pytest.approx(0.05 - 0.0)  # lower is better: final - best (min) earlier
 
 
@@ -189,7 +192,7 @@ def test_time_to_90_percent_recovery(demo):
     assert t["threshold"] == pytest.approx(0.67)
     assert (t["steps"], t["global_step"], t["value"]) == (30, 130, 0.68)
     assert t["samples"] == 30 * 8 and t["tokens"] == 30 * 8 * 64
-    assert t["wall_s"] == pytest.approx(30 * 2.0)
+    assert t["wall_s"] == pytest.approx(30 * 2.0) and t["train_s"] == 59.5
     assert curves.time_to_recovery(demo, fraction=0.99) is None  # .40 + .99 * .30 = .697 never reached
 
 

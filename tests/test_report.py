@@ -53,7 +53,7 @@ def test_write_report_one_run(tmp_path):
     assert "|  | domain QA | IF-eval | measured at |" in md
     assert "| after OPD | 0.760 | 0.670 | final@0 |" in md
     assert "| OPD steps to 90% | 30 |" in md and "| OPD samples to 90% | 240 |" in md
-    assert "## Score matrix" in md and "| after-sft | 0.800 |" in md
+    assert "## Score matrix" in md and "| domain_qa/exact_match | 0.100 | 0.790 | 0.800 | 0.770 | 0.760 | 0.040 |" in md
     assert "](curves.png)" in md and "](pareto.png)" in md
     assert "0.943" in md  # domain gain kept = .66 / .70
 
@@ -119,6 +119,7 @@ def test_comparison_of_runs_with_different_suites_uses_shared_metrics(tmp_path, 
     assert "b lacks kl_monitor/kl" in md
     matrices = md.split("### Score matrix")[1:]
     assert len(matrices) == 2 and all("kl_monitor/kl" not in m.split("\n\n")[1] for m in matrices)
+    assert all("| ifeval/prompt_level_strict_acc |" in m.split("\n\n")[1] for m in matrices)
     assert "No differences in the resolved recipes." in md  # same settings apart from the name
 
 
