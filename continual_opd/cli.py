@@ -71,7 +71,10 @@ def _dispatch(args) -> int:
     from continual_opd.config import load_recipe
 
     if args.command == "validate":
+        from continual_opd.pipeline import preflight
+
         recipe = load_recipe(args.path, args.overrides)
+        preflight(recipe)  # data files and suites exist and parse
         kinds = " → ".join(f"{s.name}({s.kind})" for s in recipe.stages)
         print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}")
         return 0

@@ -128,6 +128,7 @@ class OPDStage(TrainStageBase):
     prompts_per_step: int = Field(16, gt=0)
     samples_per_prompt: int = Field(2, gt=0)
     max_new_tokens: int = Field(64, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward/backward (None: all at once)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     loss: Literal["sampled", "full", "forward", "jsd"] = "sampled"

@@ -155,3 +155,22 @@ def test_lora_target_module_the_model_lacks(world, tmp_path, capsys):
                  "stages.1.finetune=lora", "stages.1.lora.target_modules=[q_proj,query_key_value]"])
     err = capsys.readouterr().err
     assert code == 2 and "lora.target_modules: ['query_key_value'] not found in LlamaForCausalLM" in err
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    from continual_opd.errors import TrainingError
+    from continual_opd.stages import opd
+
+    real = opd.divergence
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        loss, stats = real(*a, **kw)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] >= 3 else (loss, stats)
+
+    monkeypatch.setattr(opd, "divergence", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"stage opd: loss is nan at step 3; last good checkpoint: .*checkpoint-2"):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.3.micro_batch_size=4"]), progress=False)
+    assert (out / "stages" / "03-opd" / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()

@@ -185,46 +185,56 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
             tokens_BL = ids_BT[:, -L:]
             t1 = time.time()
 
-            # 2. teacher scores every sampled token (no gradient)
-            with torch.no_grad():
-                t_logits_BLV = response_logits(teacher, ids_BT, attn_BT, pos_BT, L)
-            t2 = time.time()
-
-            # 3. student scores them; per-token divergence on response tokens (+ replay LM loss)
-            s_logits_BLV = response_logits(model, ids_BT, attn_BT, pos_BT, L)
-            loss, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL, mask_BL)
-            kl_loss = loss
+            # 2-3. teacher scores every sampled token (no gradient), the student scores them with gradients;
+            # per-token divergence on response tokens, in micro-batches weighted by their share of tokens
+            optimizer.zero_grad(set_to_none=True)
+            n_tok = int(mask_BL.sum())
+            mb = stage.micro_batch_size or len(ids_BT)
+            kl_loss, agg, t_teacher = 0.0, {"teacher_kl": 0.0, "student_entropy": 0.0}, 0.0
+            for i in range(0, len(ids_BT), mb):
+                sl = slice(i, i + mb)
+                tt = time.time()
+                with torch.no_grad():
+                    t_logits_BLV = response_logits(teacher, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
+                t_teacher += time.time() - tt
+                s_logits_BLV = response_logits(model, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
+                part, _ = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[sl], mask_BL[sl])
+                share = float(mask_BL[sl].sum()) / max(n_tok, 1)
+                (part * share).backward()
+                kl_loss += part.item() * share
+                with torch.no_grad():  # the same two numbers for every estimator, for comparable curves
+                    m = mask_BL[sl].float()
+                    s_lp = torch.log_softmax(s_logits_BLV.detach().float(), -1)
+                    t_lp = torch.log_softmax(t_logits_BLV.float(), -1)
+                    tok_s = s_lp.gather(-1, tokens_BL[sl][..., None])[..., 0]
+                    tok_t = t_lp.gather(-1, tokens_BL[sl][..., None])[..., 0]
+                    agg["teacher_kl"] += float(((tok_s - tok_t) * m).sum()) / max(n_tok, 1)  # sampled reverse KL/token
+                    agg["student_entropy"] += float((-(s_lp.exp() * s_lp).sum(-1) * m).sum()) / max(n_tok, 1)
+                del s_logits_BLV, t_logits_BLV
+            loss = torch.tensor(kl_loss)
             if replay is not None:
                 batch = replay[(step - 1) * stage.replay.batch_size: step * stage.replay.batch_size]
                 r_ids, r_labels, r_attn = pad_batch(batch, tok.pad_token_id, model.device)
                 r_loss, _ = losses.lm_loss(model(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
-                loss = loss + stage.replay.weight * r_loss
+                (stage.replay.weight * r_loss).backward()
+                loss = loss + stage.replay.weight * r_loss.detach()
             if not torch.isfinite(loss):
                 raise TrainingError(f"stage {stage.name}: loss is {loss.item()} at step {step}; last good checkpoint: "
                                     f"{last_good or 'none (stage start)'}; lower stages.{ctx.stage_index}.lr or check the teacher")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            t3 = time.time()
+            t3 = time.time()  # student time = forward/backward/step, teacher time excluded
 
             # 4. log
-            with torch.no_grad():
-                s_lp = torch.log_softmax(s_logits_BLV.detach().float(), -1)
-                t_lp = torch.log_softmax(t_logits_BLV.float(), -1)
-                m = mask_BL.float()
-                tok_lp_s, tok_lp_t = s_lp.gather(-1, tokens_BL[..., None])[..., 0], t_lp.gather(-1, tokens_BL[..., None])[..., 0]
-                teacher_kl = float(((tok_lp_s - tok_lp_t) * m).sum() / m.sum().clamp(min=1))  # sampled reverse KL / token
-                entropy = float((-(s_lp.exp() * s_lp).sum(-1) * m).sum() / m.sum().clamp(min=1))
-            n_tok = int(mask_BL.sum())
             ctx.sink.tokens += n_tok
             ctx.sink.samples += n_samples
-            row = {"loss": loss.item(), "distill_loss": kl_loss.item(), "teacher_kl": teacher_kl,
-                   "student_entropy": entropy, "response_len": n_tok / len(mask_BL),
+            teacher_kl = agg["teacher_kl"]
+            row = {"loss": loss.item(), "distill_loss": kl_loss, "teacher_kl": teacher_kl,
+                   "student_entropy": agg["student_entropy"], "response_len": n_tok / len(mask_BL),
                    "truncation_rate": float(truncated_B.float().mean()), "tokens_sampled": n_tok,
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "time_generate_s": t1 - t0, "time_teacher_s": t2 - t1, "time_student_s": t3 - t2}
+                   "time_generate_s": t1 - t0, "time_teacher_s": t_teacher, "time_student_s": t3 - t1 - t_teacher}
             if replay is not None:
                 row["replay_loss"] = r_loss.item()
             ctx.sink.log(step, "opd", row)
