@@ -1,0 +1,149 @@
+"""Batched chat generation for evals and sampling: chat template → left-padded batches → model.generate.
+
+One function every suite uses, so that "what the model answered" means the same thing everywhere:
+the prompt is rendered with the tokenizer's chat template (generation prompt added), decoding is
+greedy unless asked otherwise, generation stops at EOS, and only the new tokens are decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from continual_opd.errors import ModelError
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]
+
+
+def _as_messages(prompt: Prompt) -> list[Message]:
+    """A plain string is one user turn; a message list is used as is."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def render_prompts(tokenizer, prompts: Sequence[Prompt], chat_template_kwargs: dict[str, Any] | None = None) -> list[str]:
+    """Render prompts to text with the chat template and the assistant generation prompt appended.
+
+    `chat_template_kwargs` go to the template (e.g. {"enable_thinking": False} for Qwen3).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat template; "
+            "use an instruction-tuned (chat) model or set tokenizer.chat_template"
+        )
+    kwargs = dict(chat_template_kwargs or {})
+    return [
+        tokenizer.apply_chat_template(_as_messages(p), add_generation_prompt=True, tokenize=False, **kwargs)
+        for p in prompts
+    ]
+
+
+@contextlib.contextmanager
+def _generation_mode(model, tokenizer) -> Iterator[None]:
+    """Eval mode + left padding for the duration; both restored after, even on error.
+
+    Left padding keeps every prompt's last token at the same position, which decoder-only
+    generate needs so that new tokens follow the prompt directly (right padding would put
+    pad tokens between prompt and answer).
+    """
+    was_training = model.training
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # pad with EOS; attention_mask hides it anyway
+        if tokenizer.eos_token is None:
+            raise ModelError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
+        model.train(was_training)
+
+
+def _generation_config(model, tokenizer, *, max_new_tokens, do_sample, temperature, top_p):
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    # The model's own generation_config may list several stop ids (e.g. Qwen's <|im_end|> and
+    # <|endoftext|>); keep them, plus the tokenizer's eos (the chat template's end-of-turn).
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = [e for e in ([model_eos] if isinstance(model_eos, int) else list(model_eos or []))]
+    if eos is not None and eos not in eos_ids:
+        eos_ids.append(eos)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids or None,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    progress: str | bool | None = None,
+) -> list[str]:
+    """Generate one completion per prompt; returns decoded new text in the prompts' order.
+
+    Prompts are sorted by token length (longest first) so each batch pads little and an
+    out-of-memory error, if any, shows up in the first batch rather than the last. Greedy by
+    default; with `do_sample`, `seed` makes the draw reproducible (same seed, same batch size).
+    `progress`: a description string (or True) shows a tqdm bar with ETA.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
+    if not prompts:
+        return []
+    texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    # The template already inserts any BOS it wants; add_special_tokens=False avoids a double BOS.
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))  # stable: ties keep input order
+    gen_config = _generation_config(
+        model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=progress if isinstance(progress, str) else "generate", unit="prompt")
+    outputs: list[str | None] = [None] * len(texts)
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    try:
+        with _generation_mode(model, tokenizer), torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                enc = tokenizer(
+                    [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                out_BT = model.generate(**enc, generation_config=gen_config)
+                new_BT = out_BT[:, enc["input_ids"].shape[1] :]  # left padding: prompts all end here
+                for i, text in zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)):
+                    outputs[i] = text
+                if bar is not None:
+                    bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return outputs  # type: ignore[return-value]

@@ -1,0 +1,105 @@
+"""Shared test fixtures: offline environment, a tiny chat model built in-process, the ../shared folder.
+
+Everything here is built from code (no hub downloads) so the suite runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set before transformers/datasets/evaluate are imported anywhere in the test session: they read these
+# once at import time. setdefault so a developer can still point NLTK_DATA elsewhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_SHARED = Path(__file__).resolve().parents[2] / "shared"
+if (_SHARED / "nltk_data").is_dir():
+    os.environ.setdefault("NLTK_DATA", str(_SHARED / "nltk_data"))
+
+import pytest  # noqa: E402
+
+# The tiny model's chat template. `{% generation %}` marks assistant content so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` works for SFT-style masking.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def _tiny_corpus() -> list[str]:
+    """A few hundred short, varied strings: enough for a byte-level BPE with real merges."""
+    subjects = ["the cat", "a dog", "my friend", "the capital", "an apple", "the answer", "our team", "Paris"]
+    verbs = ["is", "was", "likes", "sees", "has", "makes", "writes", "finds"]
+    objects = ["red", "blue", "a list", "three words", "the end", "JSON", "no commas", "France", "42"]
+    corpus = [f"{s} {v} {o}." for s in subjects for v in verbs for o in objects]
+    corpus += [f"What is {a} plus {b}? It is {a + b}." for a in range(6) for b in range(6)]
+    corpus += ["Write a short poem.", "Answer in lowercase letters only.", "Do not use any commas."]
+    return corpus
+
+
+def build_tiny_lm(seed: int = 0):
+    """(model, tokenizer): byte-level BPE (~300 tokens) + random 2-layer Llama, hidden 32. < 2 s on CPU."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|end|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """Session-scoped (model, tokenizer). Tests must not train it in place; copy.deepcopy(model) to mutate."""
+    return build_tiny_lm()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder next to the repo (official IFEval file, NLTK data); skip when absent."""
+    if not _SHARED.is_dir():
+        pytest.skip(f"{_SHARED} not present (optional shared data)")
+    return _SHARED
