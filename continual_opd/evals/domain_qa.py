@@ -1,0 +1,85 @@
+"""Domain QA: does the model answer held-out questions about the new documents? (exact match, token F1)
+
+Rows are JSONL {"question", "answer"} with optional "id"/"fact_id"; "answer" is a string or a list
+of acceptable answers. Each question is asked as one user turn (optionally after the suite's
+`instruction`), answered greedily, and scored with SQuAD normalization by the local `evaluate`
+module in `metrics/squad_em_f1/` (loaded by path: works offline, no hub lookup).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from continual_opd.errors import DataError
+from continual_opd.io import read_jsonl, write_jsonl
+
+METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad_em_f1"
+
+
+@functools.lru_cache(maxsize=1)
+def load_metric():
+    """The local EM/F1 module. `evaluate.load` with a folder path reads our script, never the hub."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+
+
+def _answers(row: dict, where: str) -> list[str]:
+    ans = row["answer"]
+    if isinstance(ans, str):
+        return [ans]
+    if isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans):
+        return list(ans)
+    raise DataError(f"{where}: 'answer' must be a string or a non-empty list of strings, got {ans!r}")
+
+
+def load_qa_rows(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Read QA JSONL; check each row's question and answer types (errors name the row)."""
+    rows = read_jsonl(path, required=("question", "answer"), what="QA rows")
+    for i, row in enumerate(rows, start=1):
+        where = f"{path}: row {i}" + (f" (id {row['id']})" if "id" in row else "")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise DataError(f"{where}: 'question' must be a non-empty string")
+        _answers(row, where)
+    return rows[:limit] if limit else rows
+
+
+def build_prompt(question: str, instruction: str | None = None) -> list[dict[str, str]]:
+    """One user turn: the optional instruction, a blank line, then the question."""
+    content = f"{instruction.strip()}\n\n{question}" if instruction else question
+    return [{"role": "user", "content": content}]
+
+
+def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """EM/F1 of each response against its row's acceptable answers → (metrics, one record per row)."""
+    if len(rows) != len(responses):
+        raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
+    references = [_answers(r, f"row {i}") for i, r in enumerate(rows, start=1)]
+    # Models often end with a newline or restate with trailing spaces; normalization handles the
+    # rest (case, punctuation, articles). We do not cut at the first line: a multi-line answer that
+    # buries the fact is not an exact match, but token F1 still gives it partial credit.
+    preds = [r.strip() for r in responses]
+    scores = load_metric().compute(predictions=preds, references=references, per_example=True)
+    records = []
+    for row, response, em, f1 in zip(rows, responses, scores["exact_match_per_example"], scores["f1_per_example"]):
+        rec = {k: row[k] for k in ("id", "fact_id") if k in row}
+        rec.update(question=row["question"], answer=row["answer"], response=response, exact_match=em, f1=f1)
+        records.append(rec)
+    return {"exact_match": scores["exact_match"], "f1": scores["f1"]}, records
+
+
+def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:
+    """Generate greedy answers to the held-out questions and score them."""
+    from continual_opd.generation import generate
+
+    rows = load_qa_rows(suite.data, suite.limit)
+    responses = generate(
+        model, tokenizer, [build_prompt(r["question"], suite.instruction) for r in rows],
+        max_new_tokens=suite.max_new_tokens, batch_size=suite.batch_size, seed=seed,
+        chat_template_kwargs=chat_template_kwargs, progress=f"eval {suite.name}" if progress else None,
+    )
+    metrics, records = score_domain_qa(rows, responses)
+    if out_dir is not None:
+        write_jsonl(Path(out_dir) / f"{suite.name}.jsonl", records)
+    return metrics
