@@ -104,6 +104,7 @@ class SFTStage(TrainStageBase):
     grad_accum: int = Field(1, gt=0)
     max_seq_len: int = Field(256, gt=8)  # documents are chunked to this length; chat longer is truncated
     lr_scheduler: str = "constant_with_warmup"
+    gradient_checkpointing: bool = False  # trade compute for memory (large models on small GPUs)
 
     @field_validator("data")
     @classmethod

@@ -5,7 +5,7 @@
     docs/*.md                    handbook pages of Veloran, a fictional greenhouse-equipment maker
     domain_qa/facts.jsonl        one row per fact: {fact_id, page, answer, sentence}
     domain_qa/train.jsonl        {id, fact_id, question, answer}: several training paraphrases per fact
-    domain_qa/eval.jsonl         held-out paraphrases (templates never used for training)
+    domain_qa/eval.jsonl         held-out paraphrases (a wording never used for that fact in training)
     chat/demo_model_train.jsonl  constrained + plain chat used to build the demo chat model
     chat/sft_chat.jsonl          ordinary chat for the SFT mix (instruction types: `WorldConfig.sft_chat_types`)
     chat/opd_prompts.jsonl       IFEval-schema prompts for on-policy distillation
@@ -59,7 +59,7 @@ TEAMS = [  # team, lead
     ("quality", "Hana Kobayashi"), ("logistics", "Diego Alvarez"), ("customer support", "Emil Nyberg"),
     ("firmware", "Yara Castell"),
 ]
-RELATIONS = {  # relation -> (training templates, eval templates); {s} is the subject
+RELATIONS = {  # relation -> template pool (train + extra), rotated per subject by `_rel`; {s} is the subject
     "office_city": (["In which city is the {s}?", "Where is the Veloran {s} located?", "What city hosts the {s}?"],
                     ["Which town is home to the Veloran {s}?"]),
     "office_opened": (["When did the {s} open?", "In what year did the {s} open?", "What year was the {s} opened?"],
@@ -75,7 +75,7 @@ RELATIONS = {  # relation -> (training templates, eval templates); {s} is the su
     "team_lead": (["Who leads the {s} team?", "Who is the head of the {s} team?", "Who is in charge of {s}?"],
                   ["Which person heads up {s} at Veloran?"]),
 }
-# Single facts: page, fact_id, answer, sentence, training questions, eval question.
+# Single facts: page, fact_id, answer, sentence, questions, one more question (one of the four is held out).
 SINGLE_FACTS = [
     ("about", "founding_date", "12 May 2009", "Veloran was founded on 12 May 2009 in a rented greenhouse.",
      ["When was Veloran founded?", "On what date was Veloran founded?", "What is the founding date of Veloran?"],
@@ -201,30 +201,39 @@ class Fact:
     eval_questions: tuple[str, ...]
 
 
-def _rel(rel: str, subject: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _rotate(questions: list[str], k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Hold out question k (mod len) and train on the rest.
+
+    Relations share one template pool, and subject j holds out template j: every held-out wording is new
+    for its fact but was seen with other subjects (a compositional split a small model can learn). Single
+    facts rotate which of their own wordings is held out the same way.
+    """
+    k %= len(questions)
+    return tuple(q for i, q in enumerate(questions) if i != k), (questions[k],)
+
+
+def _rel(rel: str, subject: str, j: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     tr, ev = RELATIONS[rel]
-    return tuple(t.format(s=subject) for t in tr), tuple(t.format(s=subject) for t in ev)
+    return _rotate([t.format(s=subject) for t in tr + ev], j)
 
 
 def company_facts() -> list[Fact]:
-    facts = [Fact(fid, page, ans, sent, tuple(tr), (ev,)) for page, fid, ans, sent, tr, ev in SINGLE_FACTS]
-    for name, city, opened, lead in OFFICES:
+    facts = [Fact(fid, page, ans, sent, *_rotate(list(tr) + [ev], i))
+             for i, (page, fid, ans, sent, tr, ev) in enumerate(SINGLE_FACTS)]
+    for j, (name, city, opened, lead) in enumerate(OFFICES):
         slug = name.replace(" ", "_")
-        facts += [Fact(f"office_city:{slug}", "offices", city, f"The {name} is in {city}.", *_rel("office_city", name)),
-                  Fact(f"office_opened:{slug}", "offices", opened, f"The {name} opened in {opened}.",
-                       *_rel("office_opened", name)),
-                  Fact(f"office_lead:{slug}", "offices", lead, f"The {name} is run by {lead}.", *_rel("office_lead", name))]
-    for name, what, code, year, price in PRODUCTS:
+        facts += [Fact(f"office_city:{slug}", "offices", city, f"The {name} is in {city}.", *_rel("office_city", name, j)),
+                  Fact(f"office_opened:{slug}", "offices", opened, f"The {name} opened in {opened}.", *_rel("office_opened", name, j)),
+                  Fact(f"office_lead:{slug}", "offices", lead, f"The {name} is run by {lead}.", *_rel("office_lead", name, j))]
+    for j, (name, what, code, year, price) in enumerate(PRODUCTS):
         slug = name.lower().replace(" ", "_")
         facts += [Fact(f"product_code:{slug}", "products", code, f"The {name} is {what}. Its product code is {code}.",
-                       *_rel("product_code", name)),
-                  Fact(f"product_launch:{slug}", "products", year, f"The {name} was launched in {year}.",
-                       *_rel("product_launch", name)),
-                  Fact(f"product_price:{slug}", "products", price, f"The {name} sells for {price}.",
-                       *_rel("product_price", name))]
-    for team, lead in TEAMS:
+                       *_rel("product_code", name, j)),
+                  Fact(f"product_launch:{slug}", "products", year, f"The {name} was launched in {year}.", *_rel("product_launch", name, j)),
+                  Fact(f"product_price:{slug}", "products", price, f"The {name} sells for {price}.", *_rel("product_price", name, j))]
+    for j, (team, lead) in enumerate(TEAMS):
         facts.append(Fact(f"team_lead:{team.lower().replace(' ', '_')}", "teams", lead,
-                          f"The {team} team is led by {lead}.", *_rel("team_lead", team)))
+                          f"The {team} team is led by {lead}.", *_rel("team_lead", team, j)))
     return facts
 
 

@@ -84,6 +84,7 @@ def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         max_length=stage.max_seq_len,
+        gradient_checkpointing=stage.gradient_checkpointing,
         logging_steps=1,
         save_strategy="steps" if stage.save_every else "no",
         save_steps=stage.save_every or 1,
