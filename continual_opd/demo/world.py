@@ -580,7 +580,9 @@ class WorldConfig:
     pair_fraction: float = 0.25  # share of constrained prompts that carry two instructions
     # Instruction types that may appear in chat/sft_chat.jsonl (empty = plain chat only). This is the knob
     # that decides which skills the SFT mix protects; `sft_chat_constrained_fraction` of rows get one.
-    sft_chat_types: tuple[str, ...] = ()
+    # The default covers 4 of the 13 types, as ordinary chat data would: the mix then protects those skills
+    # and lets the others be forgotten (plain chat alone protects none of them: IF falls to ~0).
+    sft_chat_types: tuple[str, ...] = (LOWER, QUOTE, NO_COMMA, JSON)
     sft_chat_constrained_fraction: float = 0.3
 
 
