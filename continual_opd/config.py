@@ -132,6 +132,7 @@ class OPDStage(TrainStageBase):
     micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward/backward (None: all at once)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; decays to 0 at `steps`
     loss: Literal["sampled", "full", "forward", "jsd"] = "sampled"
     beta: float = Field(0.5, ge=0, le=1)  # jsd interpolation (0 = forward KL, 1 = reverse KL)
     gamma: float = Field(0.0, ge=0, le=1)  # discount for the sampled estimator (0 = per-token, as the reference)

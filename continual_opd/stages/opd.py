@@ -111,6 +111,18 @@ def pad_batch(examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), labels.to(device), attn.to(device)
 
 
+def lr_factor(i: int, stage: OPDStage) -> float:
+    """Linear warmup over `warmup_steps`, then constant or a linear/cosine decay to 0 at the last step."""
+    import math
+
+    if i < stage.warmup_steps:
+        return (i + 1) / stage.warmup_steps
+    if stage.lr_scheduler == "constant":
+        return 1.0
+    frac = (i - stage.warmup_steps) / max(stage.steps - stage.warmup_steps, 1)
+    return max(0.0, 1 - frac) if stage.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -160,8 +172,7 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
-    warm = max(stage.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, stage))
     start = 0
     if ctx.resume_from is not None:
         start = load_checkpoint(ctx.resume_from, model, optimizer)
