@@ -107,7 +107,10 @@ def test_chat_rows_and_instruction_mix():
     assert used == set(world.ALL_TYPES)
     for r in demo + _rows("chat/sft_chat.jsonl"):
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"].strip()
-    assert not any(r["instruction_id_list"] for r in _rows("chat/sft_chat.jsonl"))  # default: plain chat only
+    sft = _rows("chat/sft_chat.jsonl")  # default: mostly plain chat; the rest uses only the types it covers
+    covered = {i for r in sft for i in r["instruction_id_list"]}
+    assert covered == set(WorldConfig().sft_chat_types) and len(covered) < len(world.ALL_TYPES) / 2
+    assert sum(bool(r["instruction_id_list"]) for r in sft) / len(sft) < 0.5
 
 
 def test_sft_chat_instruction_types_are_one_knob():

@@ -130,9 +130,9 @@ def _trainable_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(ckpt: Path, model, optimizer, step: int) -> None:
+def save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
+    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                ckpt / "state.pt")
@@ -140,13 +140,14 @@ def save_checkpoint(ckpt: Path, model, optimizer, step: int) -> None:
     (ckpt / "COMPLETE").write_text("ok\n")  # written last: a half-written checkpoint is never resumed from
 
 
-def load_checkpoint(ckpt: Path, model, optimizer) -> int:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     state = torch.load(ckpt / "state.pt", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in state["params"].items():
             params[k].copy_(v)
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None:
@@ -175,9 +176,7 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, stage))
     start = 0
     if ctx.resume_from is not None:
-        start = load_checkpoint(ctx.resume_from, model, optimizer)
-        scheduler.last_epoch = start - 1
-        scheduler.step()
+        start = load_checkpoint(ctx.resume_from, model, optimizer, scheduler)
     model.train()
     results: dict = {}
     last_good = ctx.resume_from
@@ -262,7 +261,7 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
                 model.train()
             if stage.save_every and step % stage.save_every == 0:
                 last_good = ctx.stage_dir / "checkpoints" / f"checkpoint-{step}"
-                save_checkpoint(last_good, model, optimizer, step)
+                save_checkpoint(last_good, model, optimizer, scheduler, step)
     bar.close()
     if not results:  # resumed at the very end
         results = ctx.evaluate(model, stage.steps)
