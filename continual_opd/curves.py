@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from continual_opd.errors import DataError
+from continual_opd.tracking import read_rows
 
 DEFAULT_DOMAIN_KEY = "domain_qa/exact_match"
 DEFAULT_IF_KEY = "ifeval/prompt_level_strict_acc"
@@ -55,25 +56,13 @@ def read_recipe(run_dir: str | Path) -> dict | None:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    """Parse metrics.jsonl; a truncated *last* line (crashed run) is skipped with a warning."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    numbered = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip()]
-    rows = []
-    for pos, (lineno, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if pos == len(numbered) - 1:
-                warnings.warn(f"{path}:{lineno}: half-written last line skipped (the run probably crashed "
-                              f"while logging); the {len(rows)} earlier rows are used", stacklevel=3)
-                break
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or delete the line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+    """Parse metrics.jsonl (tracking.read_rows: a truncated last line is skipped with a warning) and check
+    that every row has the contract's keys."""
+    rows = read_rows(path)
+    for i, row in enumerate(rows, 1):
         missing = [k for k in REQUIRED if k not in row]
         if missing:
-            raise DataError(f"{path}:{lineno}: missing key(s) {missing}; every metrics row needs {list(REQUIRED)}")
-        rows.append(row)
+            raise DataError(f"{path}: row {i}: missing key(s) {missing}; every metrics row needs {list(REQUIRED)}")
     return rows
 
 

@@ -10,7 +10,6 @@ TensorBoard / W&B mirrors are optional and get the same rows as `suite/metric` s
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Iterable
 
 from continual_opd.io import atomic_write_text
 
-log = logging.getLogger(__name__)
 
 
 class MetricsSink:
@@ -95,19 +93,29 @@ class MetricsSink:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Read metrics rows; a half-written final line (a crash mid-write) is skipped with a warning."""
+    """Read metrics rows. A half-written *last* line (a crash mid-write) is skipped with a warning; a bad line
+    anywhere else is a one-line DataError naming file:line (the file was edited or corrupted)."""
+    import warnings
+
+    from continual_opd.errors import DataError
+
     path = Path(path)
     if not path.exists():
         return []
+    numbered = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for pos, (lineno, line) in enumerate(numbered):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s:%d: skipping a half-written metrics row (the run was interrupted)", path, i)
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if pos == len(numbered) - 1:
+                warnings.warn(f"{path}:{lineno}: half-written last line skipped (the run probably crashed "
+                              f"while logging); the {len(rows)} earlier rows are used", stacklevel=3)
+                break
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or delete the line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
