@@ -115,7 +115,7 @@ def _eval(args) -> int:
     from continual_opd.config import ModelConfig
     from continual_opd.evals import load_suite, run_suite
     from continual_opd.io import atomic_write_json
-    from continual_opd.pipeline import seed_everything
+    from continual_opd.evals import seed_everything
 
     out = Path(args.out) if args.out else None
     if out and out.exists() and any(out.iterdir()):

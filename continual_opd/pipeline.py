@@ -10,31 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import yaml
 
 from continual_opd import models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
 from continual_opd.errors import ConfigError, RunDirError
+from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
 from continual_opd.tracking import MetricsSink
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -68,7 +61,6 @@ class Evaluator:
         from continual_opd.evals import load_suite
 
         self.recipe, self.tokenizer, self.sink, self.run_dir, self.progress = recipe, tokenizer, sink, run_dir, progress
-        self._load_suite = load_suite
         self.kl_monitor = None
         self.suites = {ref: load_suite(ref, Path(recipe.source).parent if recipe.source else None)
                        for stage in recipe.stages for ref in (stage.suites or recipe.evals.suites)}
