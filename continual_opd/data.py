@@ -101,6 +101,22 @@ def load_qa(sources: list[str]) -> list[list[dict]]:
     return convs
 
 
+def prompts_from_rows(rows: list[dict]) -> list[list[dict]]:
+    """IFEval rows ({"prompt"}), chat rows ({"messages"}: the turns before the last assistant) or QA rows."""
+    out = []
+    for r in rows:
+        if "messages" in r:
+            msgs = r["messages"]
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            out.append(msgs)
+        elif "prompt" in r:
+            out.append([{"role": "user", "content": r["prompt"]}])
+        elif "question" in r:
+            out.append([{"role": "user", "content": r["question"]}])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- tokenization
 
 

@@ -43,7 +43,7 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], chat_template_kwargs: d
 
 
 @contextlib.contextmanager
-def _generation_mode(model, tokenizer) -> Iterator[None]:
+def generation_mode(model, tokenizer) -> Iterator[None]:
     """Eval mode + left padding for the duration; both restored after, even on error.
 
     Left padding keeps every prompt's last token at the same position, which decoder-only
@@ -131,7 +131,7 @@ def generate(
     outputs: list[str | None] = [None] * len(texts)
     device = getattr(model, "device", None) or next(model.parameters()).device
     try:
-        with _generation_mode(model, tokenizer), torch.no_grad():
+        with generation_mode(model, tokenizer), torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 enc = tokenizer(

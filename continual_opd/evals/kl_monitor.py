@@ -11,24 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from continual_opd.data import prompts_from_rows
 from continual_opd.generation import generate, render_prompts
 from continual_opd.io import read_jsonl
-
-
-def prompts_from_rows(rows: list[dict]) -> list[list[dict]]:
-    """IFEval rows ({"prompt"}), chat rows ({"messages"}: the turns before the last assistant) or QA rows."""
-    out = []
-    for r in rows:
-        if "messages" in r:
-            msgs = r["messages"]
-            if msgs and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]
-            out.append(msgs)
-        elif "prompt" in r:
-            out.append([{"role": "user", "content": r["prompt"]}])
-        elif "question" in r:
-            out.append([{"role": "user", "content": r["question"]}])
-    return out
 
 
 class KLMonitor:

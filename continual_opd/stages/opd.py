@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from continual_opd import models
 from continual_opd.config import OPDStage
-from continual_opd.data import build_mixture, build_pools
+from continual_opd.data import build_mixture, build_pools, prompts_from_rows
 from continual_opd.errors import TrainingError
-from continual_opd.evals.kl_monitor import prompts_from_rows
-from continual_opd.generation import render_prompts
+from continual_opd.generation import generation_mode, render_prompts
 from continual_opd.io import atomic_write_json, read_jsonl
 from continual_opd.stages import losses
 
@@ -59,16 +58,11 @@ def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwarg
     """Sample `samples_per_prompt` answers per prompt. Returns ids/attention/position ids of prompt+answer
     (prompts left-padded), the response mask (answer tokens up to and including EOS) and truncation flags."""
     texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    tokenizer.padding_side = side
-    was_training = model.training
-    model.eval()
-    out_BT = model.generate(**enc, do_sample=True, temperature=stage.temperature, top_p=stage.top_p, top_k=0,
-                            max_new_tokens=stage.max_new_tokens, num_return_sequences=stage.samples_per_prompt,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    model.train(was_training)
+    with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out_BT = model.generate(**enc, do_sample=True, temperature=stage.temperature, top_p=stage.top_p, top_k=0,
+                                max_new_tokens=stage.max_new_tokens, num_return_sequences=stage.samples_per_prompt,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     P = enc["input_ids"].shape[1]
     resp_BL = out_BT[:, P:]
     is_eos_BL = resp_BL == tokenizer.eos_token_id
