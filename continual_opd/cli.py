@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-demo", help="build (or find in the cache) the offline demo chat model")
     b.add_argument("--cache-dir")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -105,7 +106,7 @@ def _dispatch(args) -> int:
     if args.command == "build-demo":
         from continual_opd.demo.build import ensure_demo_model
 
-        print(ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None))
+        print(ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress))
         return 0
     raise AssertionError(args.command)
 
