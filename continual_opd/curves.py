@@ -36,6 +36,9 @@ TRAIN_SUITES = frozenset({"train", "opd"})
 NON_EVAL_SUITES = TRAIN_SUITES | {"time", "data"}
 # Metric-name fragments of lower-is-better metrics (forgetting flips its sign for them).
 LOWER_IS_BETTER = ("kl", "loss", "perplexity", "ppl")
+# Metrics measured against each stage's own starting model: their values at different stage ends do not
+# share a reference, so they have no forgetting.
+PER_STAGE_REFERENCE = frozenset({"kl_to_stage_start"})
 REQUIRED = ("stage", "step", "suite", "metric", "value", "time")
 COLUMNS = ["run", "stage", "stage_index", "kind", "global_step", "step", "suite", "metric", "key",
            "value", "time", "wall", "tokens", "samples"]
@@ -209,13 +212,13 @@ def forgetting(df: pd.DataFrame, run: str | None = None) -> pd.Series:
     Positive: the run ends below the best earlier stage end (forgot); negative: it ends above every earlier
     one. NaN when k was measured at a single stage end. For lower-is-better keys (see `higher_is_better`,
     e.g. kl_monitor/kl) the sign is flipped, f_k = R[T_k, k] - min_{i < T_k} R[i, k], so positive always
-    means "ended worse than its best earlier stage end".
+    means "ended worse than its best earlier stage end". NaN for `PER_STAGE_REFERENCE` metrics.
     """
     r = score_matrix(df, run)
     out = {}
     for key in r.columns:
         col = r[key].dropna()
-        if len(col) < 2:
+        if len(col) < 2 or key.rsplit("/", 1)[-1] in PER_STAGE_REFERENCE:
             out[key] = math.nan
         elif higher_is_better(key):
             out[key] = float(col.iloc[:-1].max() - col.iloc[-1])

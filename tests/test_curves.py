@@ -182,6 +182,12 @@ def test_score_matrix_and_forgetting(demo):
     assert f["kl_monitor/kl"] == pytest.approx(0.05 - 0.0)  # lower is better: final - best (min) earlier
 
 
+def test_no_forgetting_for_kl_to_each_stage_start(demo):
+    kl = demo[demo["key"] == "kl_monitor/kl"].assign(metric="kl_to_stage_start", key="kl_monitor/kl_to_stage_start")
+    f = curves.forgetting(pd.concat([demo, kl], ignore_index=True))
+    assert math.isnan(f["kl_monitor/kl_to_stage_start"]) and f["kl_monitor/kl"] == pytest.approx(0.05)
+
+
 def test_recovery_and_domain_gain_kept(demo):
     assert curves.recovery_fraction(demo) == pytest.approx((0.67 - 0.40) / (0.70 - 0.40))
     assert curves.domain_gain_kept(demo) == pytest.approx((0.76 - 0.10) / (0.80 - 0.10))
