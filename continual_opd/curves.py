@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from continual_opd.errors import DataError
-from continual_opd.tracking import read_rows
+from continual_opd.tracking import KL_TO_STAGE_START, read_rows
 
 DEFAULT_DOMAIN_KEY = "domain_qa/exact_match"
 DEFAULT_IF_KEY = "ifeval/prompt_level_strict_acc"
@@ -38,7 +38,7 @@ NON_EVAL_SUITES = TRAIN_SUITES | {"time", "data"}
 LOWER_IS_BETTER = ("kl", "loss", "perplexity", "ppl")
 # Metrics measured against each stage's own starting model: their values at different stage ends do not
 # share a reference, so they have no forgetting.
-PER_STAGE_REFERENCE = frozenset({"kl_to_stage_start"})
+PER_STAGE_REFERENCE = frozenset({KL_TO_STAGE_START})
 REQUIRED = ("stage", "step", "suite", "metric", "value", "time")
 COLUMNS = ["run", "stage", "stage_index", "kind", "global_step", "step", "suite", "metric", "key",
            "value", "time", "wall", "tokens", "samples"]

@@ -23,7 +23,7 @@ from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
 from continual_opd.errors import ConfigError, RunDirError
 from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
-from continual_opd.tracking import MetricsSink
+from continual_opd.tracking import KL_TO_STAGE_START, MetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class Evaluator:
             results.update({f"{suite.name}/{k}": v for k, v in values.items()})
         if self.kl_monitor is not None:
             kl = self.kl_monitor.kl(model)
-            self.sink.log(step, "kl_monitor", {"kl_to_stage_start": kl})
-            results["kl_monitor/kl_to_stage_start"] = kl
+            self.sink.log(step, "kl_monitor", {KL_TO_STAGE_START: kl})
+            results[f"kl_monitor/{KL_TO_STAGE_START}"] = kl
         self.sink.log(step, "time", {"eval_s": time.time() - t0})
         return results
 

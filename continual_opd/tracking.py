@@ -17,6 +17,9 @@ from typing import Iterable
 
 from continual_opd.io import atomic_write_text
 
+# Suite "kl_monitor" logs this metric: KL(student || the model at the start of the current stage). Its
+# reference changes at every stage, so curves gives it no cross-stage forgetting.
+KL_TO_STAGE_START = "kl_to_stage_start"
 
 
 class MetricsSink:
