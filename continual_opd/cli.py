@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from continual_opd.errors import ContinualOPDError, RunDirError
+
+log = logging.getLogger("continual_opd")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*")
 
     e = sub.add_parser("eval", help="run eval suites on a model")
-    e.add_argument("--model", required=True, help="hub id, local path, or demo")
+    e.add_argument("--model", required=True,
+                   help="hub id, local path, a .gguf file, package:NAME, or demo (as a recipe's model.name)")
+    e.add_argument("--gguf-file", help="GGUF file inside --model (a directory, package:NAME or hub repo)")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
+    e.add_argument("--chat-template-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help='extra chat-template variables, e.g. \'{"enable_thinking": false}\'')
+    e.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--attn-implementation", help="e.g. sdpa, flash_attention_2")
+    e.add_argument("--limit", type=int, help="evaluate only the first N rows of each suite (quick checks)")
+    e.add_argument("--batch-size", type=int, help="override each suite's generation batch size")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--suite", action="append", required=True, help="suite name in eval_suites/ or a YAML path (repeatable)")
     e.add_argument("--out", help="directory for results.json and per-suite generations")
     e.add_argument("--seed", type=int, default=0)
@@ -117,19 +132,36 @@ def _eval(args) -> int:
     from continual_opd.evals import load_suite, run_suite
     from continual_opd.io import atomic_write_json
     from continual_opd.evals import seed_everything
+    from continual_opd.errors import ConfigError
+    from pydantic import ValidationError
 
     out = Path(args.out) if args.out else None
     if out and out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
     suites = [load_suite(s, Path.cwd()) for s in args.suite]  # fail on a bad suite before loading a model
-    cfg = ModelConfig(name=args.model)
+    for opt in ("limit", "batch_size"):
+        value = getattr(args, opt)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{opt.replace('_', '-')} {value}: must be >= 1")
+            suites = [s.model_copy(update={opt: value}) for s in suites]
+    try:
+        cfg = ModelConfig(name=args.model, gguf_file=args.gguf_file, dtype=args.dtype, revision=args.revision,
+                          chat_template_kwargs=args.chat_template_kwargs, trust_remote_code=args.trust_remote_code,
+                          attn_implementation=args.attn_implementation)
+    except ValidationError as err:
+        raise ConfigError(f"eval: {err.errors()[0]['msg']}") from None
     seed_everything(args.seed)
-    base = models.resolve_base(cfg, args.cache_dir)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    base = models.resolve_base(cfg, args.cache_dir, progress=progress)
     tok = models.load_tokenizer(base, cfg)
     model = models.load_model(models.ModelRef(base), cfg)
+    log.info("model %s ready in %.1f s (%s)", args.model, time.perf_counter() - t0, next(model.parameters()).dtype)
     results = {}
     for suite in suites:
-        values = run_suite(suite, model, tok, out, seed=args.seed)
+        values = run_suite(suite, model, tok, out, seed=args.seed, chat_template_kwargs=cfg.chat_template_kwargs,
+                           progress=progress)
         results.update({f"{suite.name}/{k}": v for k, v in values.items()})
     if out:
         atomic_write_json(out / "results.json", results)

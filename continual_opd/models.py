@@ -40,11 +40,26 @@ def _dtype(name: str):
 
 
 def resolve_base(cfg: ModelConfig, cache_dir: str | None, progress: bool = True) -> str:
-    """`demo` → build (or reuse) the offline demo chat model; anything else is a hub id or local path."""
+    """The directory (or hub id) that `from_pretrained` loads for this model config.
+
+    `demo` → build (or reuse) the offline demo chat model; a GGUF source → its dequantized copy in the model
+    cache (converted on first use); `package:NAME` → that installed package's folder; anything else is a hub
+    id or a local path, used as is.
+    """
+    from continual_opd import gguf
+    from continual_opd.demo.build import cache_root
+
     if cfg.name == "demo":
         from continual_opd.demo.build import ensure_demo_model
 
         return str(ensure_demo_model(Path(cache_dir) if cache_dir else None, progress=progress))
+    if gguf.is_gguf_source(cfg.name, cfg.gguf_file):
+        return str(gguf.ensure_gguf_checkpoint(cfg.name, cfg.gguf_file, cache_root(cache_dir), revision=cfg.revision,
+                                               trust_remote_code=cfg.trust_remote_code))
+    if cfg.name.startswith(gguf.PACKAGE_PREFIX):
+        return str(gguf.package_dir(cfg.name))
+    if cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).expanduser().exists():
+        raise ModelError(f"model.name {cfg.name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")
     return cfg.name
 
 

@@ -9,15 +9,15 @@ import os
 from pathlib import Path
 
 # Set before transformers/datasets/evaluate are imported anywhere in the test session: they read these
-# once at import time. setdefault so a developer can still point NLTK_DATA elsewhere.
+# once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# NLTK_DATA is left as the user has it: IFEval's punkt_tab ships with the package, so tests see what a
+# new user sees.
 _SHARED = Path(__file__).resolve().parents[2] / "shared"
-if (_SHARED / "nltk_data").is_dir():
-    os.environ.setdefault("NLTK_DATA", str(_SHARED / "nltk_data"))
 
 import pytest  # noqa: E402
 

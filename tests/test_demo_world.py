@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,6 @@ from continual_opd.demo import world
 from continual_opd.demo.world import WorldConfig, build_world, company_facts, write_world
 
 DATA = Path(__file__).resolve().parents[1] / "data_samples"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if (SHARED / "nltk_data").exists():
-    os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
 
 
 def _rows(rel: str) -> list[dict]:
@@ -35,7 +31,8 @@ def test_regenerating_gives_the_committed_files(tmp_path):
 
 
 def test_data_is_small():
-    assert sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file()) < 2_000_000
+    # the generated demo world (about 2.0 MB) plus the official IFEval prompts (0.2 MB)
+    assert sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file()) < 2_500_000
 
 
 def test_splits_do_not_share_prompts():

@@ -30,6 +30,7 @@ _KIND_OPTIONS = {
     "domain_qa": {"instruction"},
     "lm_eval_task": {"task_yaml", "task", "num_fewshot", "apply_chat_template", "include_defaults"},
 }
+_ROW_SUITES = ("ifeval", "domain_qa")  # kinds whose rows `sample` selects from
 
 
 class SuiteSpec(BaseModel):
@@ -43,6 +44,10 @@ class SuiteSpec(BaseModel):
     max_new_tokens: int = Field(256, ge=1)  # generation cap per answer (also lm-eval's max_gen_toks)
     batch_size: int = Field(16, ge=1)  # prompts per generate() call
     limit: int | None = Field(None, ge=1)  # evaluate only the first N rows (None = all)
+    # ifeval/domain_qa: evaluate a fixed random subset of N rows (drawn with `sample_seed`, kept in file order),
+    # e.g. 120 of IFEval's 541 prompts for curves inside training; applied before `limit`.
+    sample: int | None = Field(None, ge=1)
+    sample_seed: int = 0
     # domain_qa: text put before each question in the user turn (e.g. "Answer in a few words.")
     instruction: str | None = None
     # lm_eval_task: a task YAML (with local data_files), or the name of a task lm-eval ships.
@@ -58,6 +63,8 @@ class SuiteSpec(BaseModel):
             for opt in sorted(options):
                 if self.kind != kind and opt in self.model_fields_set:
                     raise ValueError(f"option '{opt}' only applies to kind '{kind}'; remove it")
+        if self.kind not in _ROW_SUITES and ({"sample", "sample_seed"} & self.model_fields_set):
+            raise ValueError(f"option 'sample' only applies to kinds {', '.join(_ROW_SUITES)}; use 'limit'")
         if self.kind in ("ifeval", "domain_qa") and self.data is None:
             raise ValueError(f"kind '{self.kind}' needs 'data: path/to/file.jsonl'")
         if self.kind == "lm_eval_task":
@@ -143,6 +150,17 @@ def load_suite(ref: str | Path, base_dir: Path | None = None, *, check_files: bo
     return suite.model_copy(update=updates)
 
 
+def select_rows(rows: list, suite: "SuiteSpec", path: Path | None = None) -> list:
+    """Apply `sample` (a seeded subset, in file order) and then `limit` (the first N) to a suite's rows."""
+    if suite.sample is not None:
+        if suite.sample > len(rows):
+            raise ConfigError(f"suite '{suite.name}': sample={suite.sample} but {path or suite.data} has only "
+                              f"{len(rows)} rows; lower sample or remove it")
+        keep = sorted(random.Random(suite.sample_seed).sample(range(len(rows)), suite.sample))
+        rows = [rows[i] for i in keep]
+    return rows[: suite.limit] if suite.limit else rows
+
+
 def seed_everything(seed: int) -> None:
     """Seed every RNG a suite touches (python, numpy, torch; langdetect is seeded by ifeval)."""
     import numpy as np
@@ -186,4 +204,4 @@ def run_suite(
     return metrics
 
 
-__all__ = ["SuiteSpec", "load_suite", "resolve_suite_path", "run_suite", "seed_everything", "SUITES_DIR"]
+__all__ = ["SuiteSpec", "load_suite", "resolve_suite_path", "run_suite", "seed_everything", "select_rows", "SUITES_DIR"]

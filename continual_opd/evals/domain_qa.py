@@ -73,7 +73,9 @@ def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, c
     """Generate greedy answers to the held-out questions and score them."""
     from continual_opd.generation import generate
 
-    rows = load_qa_rows(suite.data, suite.limit)
+    from continual_opd.evals import select_rows
+
+    rows = select_rows(load_qa_rows(suite.data), suite)
     responses = generate(
         model, tokenizer, [build_prompt(r["question"], suite.instruction) for r in rows],
         max_new_tokens=suite.max_new_tokens, batch_size=suite.batch_size, seed=seed,

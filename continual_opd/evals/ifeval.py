@@ -6,8 +6,10 @@ lm-eval's `ifeval` task reports. Reported:
   prompt_level_strict_acc, inst_level_strict_acc, prompt_level_loose_acc, inst_level_loose_acc,
   type/<instruction_id> (strict, per instruction type), unscored_instructions.
 
-Two checkers need NLTK's `punkt_tab` (sentence splitting and word tokenization). When it is
-missing we skip those instructions with one warning instead of crashing or downloading.
+Two checkers need NLTK's `punkt_tab` (sentence splitting and word tokenization). The package ships
+its English model (continual_opd/resources/nltk_data, Apache-2.0, from NLTK's data), used when NLTK
+finds none of its own (NLTK_DATA and NLTK's default folders win). If even that is gone, those
+instructions are skipped with one warning instead of crashing or downloading.
 """
 
 from __future__ import annotations
@@ -34,13 +36,23 @@ METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loo
 # tokenizer and needs no data.
 NLTK_INSTRUCTIONS = frozenset({"length_constraints:number_sentences", "change_case:capital_word_frequency"})
 NLTK_RESOURCE = "tokenizers/punkt_tab"
+BUNDLED_NLTK_DATA = Path(__file__).resolve().parents[1] / "resources" / "nltk_data"
 _warned_unscored: set[str] = set()
+
+
+def _add_bundled_nltk_data() -> None:
+    """Put the shipped punkt_tab last on NLTK's search path, so any copy the user has comes first."""
+    import nltk
+
+    if str(BUNDLED_NLTK_DATA) not in nltk.data.path:
+        nltk.data.path.append(str(BUNDLED_NLTK_DATA))
 
 
 def punkt_available() -> bool:
     """Checked on every scoring call (not cached) so NLTK_DATA changes and test patches take effect."""
     import nltk
 
+    _add_bundled_nltk_data()
     try:
         nltk.data.find(NLTK_RESOURCE)
         return True
@@ -58,6 +70,7 @@ def _lm_eval_ifeval():
     """
     import nltk
 
+    _add_bundled_nltk_data()
     real_download = nltk.download
     nltk.download = lambda *a, **k: False
     try:
@@ -157,9 +170,10 @@ def score_ifeval(rows: list[dict], responses: list[str]) -> tuple[dict[str, floa
 
 def run_ifeval(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:
     """Generate greedy answers to each IFEval prompt (as one user turn) and score them."""
+    from continual_opd.evals import select_rows
     from continual_opd.generation import generate
 
-    rows = load_ifeval_rows(suite.data, suite.limit)
+    rows = select_rows(load_ifeval_rows(suite.data), suite)
     responses = generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=suite.max_new_tokens,
         batch_size=suite.batch_size, seed=seed, chat_template_kwargs=chat_template_kwargs,

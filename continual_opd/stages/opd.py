@@ -32,7 +32,7 @@ from continual_opd import models
 from continual_opd.config import OPDStage
 from continual_opd.data import build_mixture, build_pools, prompts_from_rows
 from continual_opd.errors import TrainingError
-from continual_opd.generation import generation_mode, render_prompts
+from continual_opd.generation import generation_config, generation_mode, render_prompts
 from continual_opd.io import atomic_write_json, read_jsonl
 from continual_opd.stages import losses
 
@@ -58,14 +58,17 @@ def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwarg
     """Sample `samples_per_prompt` answers per prompt. Returns ids/attention/position ids of prompt+answer
     (prompts left-padded), the response mask (answer tokens up to and including EOS) and truncation flags."""
     texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    # the same stop ids as evals (every end token the model's generation config lists)
+    gen_config = generation_config(model, tokenizer, max_new_tokens=stage.max_new_tokens, do_sample=True,
+                                   temperature=stage.temperature, top_p=stage.top_p,
+                                   num_return_sequences=stage.samples_per_prompt)
+    stop_ids = torch.tensor(gen_config.eos_token_id or [], dtype=torch.long, device=model.device)
     with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out_BT = model.generate(**enc, do_sample=True, temperature=stage.temperature, top_p=stage.top_p, top_k=0,
-                                max_new_tokens=stage.max_new_tokens, num_return_sequences=stage.samples_per_prompt,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        out_BT = model.generate(**enc, generation_config=gen_config)
     P = enc["input_ids"].shape[1]
     resp_BL = out_BT[:, P:]
-    is_eos_BL = resp_BL == tokenizer.eos_token_id
+    is_eos_BL = torch.isin(resp_BL, stop_ids)
     # response = tokens up to and including the first EOS; later positions are padding
     after_eos_BL = (is_eos_BL.cumsum(1) - is_eos_BL.long()) > 0
     resp_mask_BL = ~after_eos_BL
@@ -74,6 +77,16 @@ def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwarg
     attn_BT = torch.cat([prompt_attn_BP, resp_mask_BL.long()], 1)
     pos_BT = (attn_BT.cumsum(1) - 1).clamp(min=0)
     return out_BT, attn_BT, pos_BT, resp_mask_BL, truncated_B
+
+
+def auto_micro_batch_size(n_rollouts: int, L: int, vocab_size: int, budget_mb: float) -> int:
+    """Rollouts per forward/backward such that one (micro-batch, L + 1, V) float32 logits tensor stays within
+    `budget_mb` MiB (at least 1 rollout). The full-vocabulary losses hold a few such tensors (student and teacher
+    logits, their log-softmaxes and gradients), so peak memory is a small multiple of the budget.
+
+    E.g. Qwen3 (V = 151,936) with 1024-token answers: one rollout is 594 MiB, so the 1024 MiB default gives 1."""
+    per_rollout_mb = (L + 1) * vocab_size * 4 / 2**20
+    return max(1, min(n_rollouts, int(budget_mb // per_rollout_mb)))
 
 
 def response_logits(model, ids_BT, attn_BT, pos_BT, L: int) -> torch.Tensor:
@@ -193,8 +206,9 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
             # per-token divergence on response tokens, in micro-batches weighted by their share of tokens
             optimizer.zero_grad(set_to_none=True)
             n_tok = int(mask_BL.sum())
-            mb = stage.micro_batch_size or len(ids_BT)
-            kl_loss, agg, t_teacher = 0.0, {"teacher_kl": 0.0, "student_entropy": 0.0}, 0.0
+            mb = stage.micro_batch_size or auto_micro_batch_size(len(ids_BT), L, model.config.vocab_size,
+                                                                  stage.logits_budget_mb)
+            kl_loss, agg, t_teacher = 0.0, {}, 0.0
             for i in range(0, len(ids_BT), mb):
                 sl = slice(i, i + mb)
                 tt = time.time()
@@ -202,18 +216,16 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
                     t_logits_BLV = response_logits(teacher, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
                 t_teacher += time.time() - tt
                 s_logits_BLV = response_logits(model, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
-                part, _ = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[sl], mask_BL[sl])
+                part, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[sl], mask_BL[sl])
                 share = float(mask_BL[sl].sum()) / max(n_tok, 1)
                 (part * share).backward()
                 kl_loss += part.item() * share
-                with torch.no_grad():  # the same two numbers for every estimator, for comparable curves
-                    m = mask_BL[sl].float()
-                    s_lp = torch.log_softmax(s_logits_BLV.detach().float(), -1)
-                    t_lp = torch.log_softmax(t_logits_BLV.float(), -1)
-                    tok_s = s_lp.gather(-1, tokens_BL[sl][..., None])[..., 0]
-                    tok_t = t_lp.gather(-1, tokens_BL[sl][..., None])[..., 0]
-                    agg["teacher_kl"] += float(((tok_s - tok_t) * m).sum()) / max(n_tok, 1)  # sampled reverse KL/token
-                    agg["student_entropy"] += float((-(s_lp.exp() * s_lp).sum(-1) * m).sum()) / max(n_tok, 1)
+                # Monitors are the loss's own per-token means (no extra vocabulary passes), token-weighted
+                # across micro-batches. reverse_kl is exact for full-vocabulary losses and the sampled-token
+                # estimate (unbiased on-policy) for `sampled`.
+                for k, v in stats.items():
+                    if k != "num_tokens":
+                        agg[k] = agg.get(k, 0.0) + float(v) * share
                 del s_logits_BLV, t_logits_BLV
             loss = torch.tensor(kl_loss)
             if replay is not None:
@@ -233,9 +245,11 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
             # 4. log
             ctx.sink.tokens += n_tok
             ctx.sink.samples += n_samples
-            teacher_kl = agg["teacher_kl"]
+            teacher_kl = agg.get("reverse_kl", 0.0)
+            extra = {k: agg[k] for k in ("forward_kl", "teacher_entropy") if k in agg}
             row = {"loss": loss.item(), "distill_loss": kl_loss, "teacher_kl": teacher_kl,
-                   "student_entropy": agg["student_entropy"], "response_len": n_tok / len(mask_BL),
+                   "student_entropy": agg.get("student_entropy", 0.0), **extra, "response_len": n_tok / len(mask_BL),
+                   "micro_batch_size": mb,
                    "truncation_rate": float(truncated_B.float().mean()), "tokens_sampled": n_tok,
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "time_generate_s": t1 - t0, "time_teacher_s": t_teacher, "time_student_s": t3 - t1 - t_teacher}

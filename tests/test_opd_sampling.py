@@ -1,0 +1,83 @@
+"""OPD rollouts on a tiny model: every end token stops a rollout (as in evals), and the micro-batch default."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from continual_opd.config import OPDStage
+from continual_opd.generation import generate, stop_token_ids
+from continual_opd.stages.opd import auto_micro_batch_size, sample
+
+
+def _always_emits(model, token_id: int):
+    """Replace the LM head so that every position predicts `token_id` with probability ~1."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[token_id] = 30.0
+    model.lm_head = head
+    return model
+
+
+def _stage(**kw):
+    return OPDStage(name="opd", kind="opd", prompts=["p.jsonl"], **kw)
+
+
+def test_rollouts_stop_on_every_end_token_of_the_generation_config(tiny_lm):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    second_end = tok.convert_tokens_to_ids("<|system|>")  # stands in for Qwen's <|endoftext|>
+    model.generation_config.eos_token_id = [tok.eos_token_id, second_end]
+    _always_emits(model, second_end)
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, second_end]
+    ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, ["Say hi.", "Write a longer poem please."],
+                                                           _stage(max_new_tokens=8, samples_per_prompt=2), {})
+    assert mask_BL.shape == (4, 1)  # generation stopped right after the second end token
+    assert mask_BL.all() and not truncated_B.any()  # the end token is part of the response
+    assert (ids_BT[:, -1] == second_end).all()
+    # evals stop on the same ids
+    assert generate(model, tok, ["Say hi."], max_new_tokens=8, batch_size=1) == [""]
+
+
+def test_response_mask_includes_the_first_end_token_and_excludes_what_follows(tiny_lm):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    _always_emits(model, tok.eos_token_id)
+    ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, ["a", "a much longer prompt than a"],
+                                                           _stage(max_new_tokens=5, samples_per_prompt=1), {})
+    assert mask_BL.tolist() == [[True], [True]]
+    # left-padded prompts: attention covers the real prompt tokens and the response; positions count from 0
+    for row_attn, row_pos in zip(attn_BT, pos_BT):
+        first = int(row_attn.argmax())
+        assert row_attn[first:].all() and not row_attn[:first].any()
+        assert row_pos[first:].tolist() == list(range(len(row_attn) - first))
+
+
+def test_truncated_rollouts_are_flagged_and_fully_masked(tiny_lm):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    _always_emits(model, tok.convert_tokens_to_ids("<|user|>"))  # never an end token
+    _, _, _, mask_BL, truncated_B = sample(model, tok, ["a"], _stage(max_new_tokens=4, samples_per_prompt=3), {})
+    assert mask_BL.shape == (3, 4) and mask_BL.all() and truncated_B.all()
+
+
+@pytest.mark.parametrize("n, L, V, budget, want", [
+    (256, 1024, 151_936, 1024, 1),   # Qwen3, 1024-token answers: 594 MiB per rollout
+    (256, 128, 151_936, 1024, 13),   # 129 * 151936 * 4 B = 74.8 MiB per rollout
+    (32, 48, 2048, 1024, 32),        # the demo: everything in one pass
+    (8, 4096, 262_144, 1024, 1),     # one rollout over budget: still 1, never 0
+])
+def test_auto_micro_batch_size(n, L, V, budget, want):
+    got = auto_micro_batch_size(n, L, V, budget)
+    assert got == want
+    if got > 1:  # within budget, and one more would not be
+        assert got * (L + 1) * V * 4 <= budget * 2**20 < (got + 1) * (L + 1) * V * 4 or got == n
+
+
+def test_micro_batch_default_is_auto_and_bounded():
+    stage = _stage()
+    assert stage.micro_batch_size is None and stage.logits_budget_mb == 1024
