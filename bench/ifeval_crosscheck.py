@@ -33,9 +33,9 @@ def lm_eval_ifeval(model, tok, data: Path, rows: list[dict], max_new_tokens: int
     from continual_opd.evals.lm_eval_task import _preserve, load_task_config
 
     _lm_eval_ifeval()  # imports lm-eval's checkers with NLTK's download silenced (our punkt_tab is on the path)
-    import lm_eval.tasks.ifeval as pkg
+    import lm_eval.tasks
 
-    cfg = load_task_config(Path(pkg.__file__).parent / "ifeval.yaml")
+    cfg = load_task_config(Path(lm_eval.tasks.__file__).parent / "ifeval" / "ifeval.yaml")
     keys = {r["key"] for r in rows}
     subset = data.parent / f".crosscheck-{data.stem}-{len(rows)}.jsonl"  # the exact rows our side evaluated
     if len(keys) != sum(1 for _ in open(data)):

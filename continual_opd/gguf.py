@@ -99,7 +99,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _check_gguf_installed() -> None:
+def check_gguf_installed() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("reading a GGUF model needs the `gguf` package; install it with `pip install gguf` "
                          "(or `pip install 'continual-opd[gguf]'`)")
@@ -109,7 +109,7 @@ def ensure_gguf_checkpoint(name: str, gguf_file: str | None, cache_root: Path, *
                            trust_remote_code: bool = False) -> Path:
     """Return a directory of float weights + tokenizer converted from the GGUF file (cached by its hash)."""
     path = locate_gguf(name, gguf_file, revision)
-    _check_gguf_installed()
+    check_gguf_installed()
     digest = file_sha256(path)
     out = cache_root / f"gguf-{path.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (out / "source.json").is_file():

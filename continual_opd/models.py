@@ -56,11 +56,27 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | None, progress: bool = True)
     if gguf.is_gguf_source(cfg.name, cfg.gguf_file):
         return str(gguf.ensure_gguf_checkpoint(cfg.name, cfg.gguf_file, cache_root(cache_dir), revision=cfg.revision,
                                                trust_remote_code=cfg.trust_remote_code))
+    check_source(cfg)
+    return str(gguf.package_dir(cfg.name)) if cfg.name.startswith(gguf.PACKAGE_PREFIX) else cfg.name
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """What `resolve_base` would reject, without building, converting or downloading anything (for preflight)."""
+    from continual_opd import gguf
+
+    if cfg.name == "demo":
+        return
+    if gguf.is_gguf_source(cfg.name, cfg.gguf_file):
+        local = cfg.name.lower().endswith(".gguf") or cfg.name.startswith(gguf.PACKAGE_PREFIX) or \
+            Path(cfg.name).expanduser().exists() or Path(cfg.gguf_file or "").expanduser().is_absolute()
+        if local:  # a hub repo's file is only checked when it is downloaded
+            gguf.locate_gguf(cfg.name, cfg.gguf_file)
+            gguf.check_gguf_installed()
+        return
     if cfg.name.startswith(gguf.PACKAGE_PREFIX):
-        return str(gguf.package_dir(cfg.name))
-    if cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).expanduser().exists():
+        gguf.package_dir(cfg.name)
+    elif cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).expanduser().exists():
         raise ModelError(f"model.name {cfg.name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")
-    return cfg.name
 
 
 def load_tokenizer(name: str, cfg: ModelConfig):

@@ -206,6 +206,7 @@ def preflight(recipe: Recipe) -> None:
     from continual_opd.io import read_jsonl
 
     base = Path(recipe.source).parent if recipe.source else None
+    models.check_source(recipe.model)  # a missing model file or package fails here, not after the baseline eval
     for stage in recipe.stages:
         for ref in stage.suites or recipe.evals.suites:
             load_suite(ref, base)

@@ -91,3 +91,14 @@ def test_eval_cli_reports_a_bad_gguf_in_one_line(tmp_path, capsys):
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(ModelError, match=r"model.name '/no/such/model': no such directory; check the path"):
         _resolve(tmp_path, name="/no/such/model")
+
+
+def test_validate_checks_the_model_source_before_any_work(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\noutput_dir: {tmp_path / 'run'}\nmodel: {{name: {tmp_path / 'm.gguf'}}}\n"
+                      "stages: [{name: baseline, kind: eval}]\n")
+    for cmd in ("validate", "recipe"):
+        assert main([cmd, str(recipe)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: model.name '{tmp_path / 'm.gguf'}': GGUF file not found; check the path"]
+    assert not (tmp_path / "run").exists()
