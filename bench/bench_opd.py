@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -22,8 +23,7 @@ import torch
 from continual_opd import models
 from continual_opd.config import ModelConfig, OPDStage
 from continual_opd.evals import load_suite, run_suite
-from continual_opd.stages import losses
-from continual_opd.stages.opd import divergence, load_prompts, pick_prompts, response_logits, sample
+from continual_opd.stages.opd import load_prompts, opd_step, pick_prompts, sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,25 +37,15 @@ def bench_estimators(model, teacher, tok, steps: int) -> dict:
         student = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
         times = {"generate": [], "teacher": [], "student": []}
-        import random
-
         for step in range(steps):
             prompts = pick_prompts(chat, docs, 16, 0.0, random.Random(step))
             t0 = time.perf_counter()
-            ids, attn, pos, mask, _ = sample(student, tok, prompts, stage, {})
-            L = mask.shape[1]
+            rollouts = sample(student, tok, prompts, stage, {})
             t1 = time.perf_counter()
-            with torch.no_grad():
-                t_logits = response_logits(teacher, ids, attn, pos, L)
-            t2 = time.perf_counter()
-            s_logits = response_logits(student, ids, attn, pos, L)
-            l, _ = divergence(stage, s_logits, t_logits, ids[:, -L:], mask)
-            opt.zero_grad()
-            l.backward()
-            opt.step()
-            t3 = time.perf_counter()
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                times[k].append(v)
+            row = opd_step(student, teacher, rollouts, stage, opt)  # the shipped update, as the stage runs it
+            times["generate"].append(t1 - t0)
+            times["teacher"].append(row["time_teacher_s"])
+            times["student"].append(row["time_student_s"])
         out[loss] = {k: statistics.median(v) for k, v in times.items()}
         out[loss]["total"] = sum(out[loss].values())
     return out

@@ -6,8 +6,8 @@ Measures, with the shipped code:
   - the GGUF → float checkpoint conversion (`continual_opd.gguf.ensure_gguf_checkpoint`, into a fresh cache);
   - per dtype: the demo suites `ifeval` (120 prompts, 64 tokens) and `domain_qa` (83 questions) through
     `run_suite` (time and scores); OPD parts on 16 prompts x 1 sample, 128 new tokens: rollout sampling
-    (`stages.opd.sample`), a teacher forward (`response_logits`), and a student forward + `sampled` loss +
-    backward + AdamW step, for a full fine-tune and for LoRA r=16; an SFT-shaped step (8 x 128 tokens, LM loss).
+    (`stages.opd.sample`) and the shipped update `stages.opd.opd_step` (teacher forward, student forward + `sampled`
+    loss + backward + AdamW step), for a full fine-tune and for LoRA r=16; an SFT-shaped step (8 x 128, LM loss).
 Compare ratios inside one run: shared machines are noisy.
 """
 
@@ -42,7 +42,7 @@ def bench_dtype(base: str, dtype: str, steps: int) -> dict:
     from continual_opd.config import LoraConfig, ModelConfig, OPDStage
     from continual_opd.evals import load_suite, run_suite
     from continual_opd.stages import losses
-    from continual_opd.stages.opd import divergence, load_prompts, pick_prompts, response_logits, sample
+    from continual_opd.stages.opd import load_prompts, opd_step, pick_prompts, sample
 
     cfg = ModelConfig(name=base, dtype=dtype)
     tok = models.load_tokenizer(base, cfg)
@@ -67,26 +67,24 @@ def bench_dtype(base: str, dtype: str, steps: int) -> dict:
         rollout["r"] = sample(model, tok, prompts, stage, {})
 
     out["opd_sample_s"] = _median_time(do_sample, steps)
-    ids, attn, pos, mask, trunc = rollout["r"]
-    L = mask.shape[1]
-    out["opd_rollout"] = {"rows": len(ids), "max_len": L, "mean_len": float(mask.sum(1).float().mean()),
-                          "truncated": float(trunc.float().mean())}
-    with torch.no_grad():
-        out["opd_teacher_forward_s"] = _median_time(lambda: response_logits(model, ids, attn, pos, L), steps)
-        t_logits = response_logits(model, ids, attn, pos, L)
+    r = rollout["r"]
+    out["opd_rollout"] = {"rows": len(r), "max_len": r.response_mask_BL.shape[1],
+                          "mean_len": float(r.response_mask_BL.sum(1).float().mean()),
+                          "truncated": float(r.truncated_B.float().mean())}
 
-    def student_step(student, opt):
+    def student_step(student, opt):  # the shipped update (teacher = the frozen base model in memory)
         def run():
-            s_logits = response_logits(student, ids, attn, pos, L)
-            loss, _ = divergence(stage, s_logits, t_logits, ids[:, -L:], mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            row = opd_step(student, model, r, stage, opt)
+            times.setdefault("teacher", []).append(row["time_teacher_s"])
+            times.setdefault("student", []).append(row["time_student_s"])
         return run
 
     full = copy.deepcopy(model).train()
     opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=1e-6)
-    out["opd_student_step_full_s"] = _median_time(student_step(full, opt), steps)
+    times: dict = {}
+    out["opd_step_full_s"] = _median_time(student_step(full, opt), steps)
+    out["opd_step_full_teacher_s"] = statistics.median(times["teacher"])
+    out["opd_step_full_student_s"] = statistics.median(times["student"])
     sft_ids = torch.randint(100, 40000, (8, 128))
 
     def sft_step():
@@ -99,7 +97,9 @@ def bench_dtype(base: str, dtype: str, steps: int) -> dict:
     del full, opt
     lora = models.prepare_for_stage(copy.deepcopy(model), "lora", LoraConfig(r=16, alpha=32)).train()
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-6)
-    out["opd_student_step_lora_s"] = _median_time(student_step(lora, opt), steps)
+    times = {}
+    out["opd_step_lora_s"] = _median_time(student_step(lora, opt), steps)
+    out["opd_step_lora_student_s"] = statistics.median(times["student"])
     return out
 
 

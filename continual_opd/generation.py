@@ -8,6 +8,7 @@ greedy unless asked otherwise, generation stops at EOS, and only the new tokens 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -154,3 +155,69 @@ def generate(
         if bar is not None:
             bar.close()
     return outputs  # type: ignore[return-value]
+
+
+@dataclass
+class Rollouts:
+    """Sampled answers, ready to be scored: B = prompts x samples, T = prompt + response, L = response positions.
+
+    Prompts are left-padded, so every response starts at column T - L. `response_mask_BL` is True on the answer's
+    tokens up to and including its first stop token (the model learns to stop); positions after it are padding.
+    """
+
+    ids_BT: torch.Tensor
+    attention_BT: torch.Tensor  # 1 on real prompt tokens and on response tokens up to the stop token
+    positions_BT: torch.Tensor  # position ids counted from each row's first real token
+    response_mask_BL: torch.Tensor
+    truncated_B: torch.Tensor  # no stop token within max_new_tokens
+
+    @property
+    def tokens_BL(self) -> torch.Tensor:
+        return self.ids_BT[:, -self.response_mask_BL.shape[1]:]
+
+    def __len__(self) -> int:
+        return self.ids_BT.shape[0]
+
+    def __getitem__(self, sl: slice) -> "Rollouts":
+        return Rollouts(self.ids_BT[sl], self.attention_BT[sl], self.positions_BT[sl], self.response_mask_BL[sl],
+                        self.truncated_B[sl])
+
+
+def rollouts_from_ids(prompt_ids_BP: torch.Tensor, prompt_attention_BP: torch.Tensor, response_BL: torch.Tensor,
+                      stop_ids: Sequence[int]) -> Rollouts:
+    """Build masks and positions for responses that follow left-padded prompts (prompt rows already repeated)."""
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=response_BL.device)
+    is_stop_BL = torch.isin(response_BL, stop)
+    # response = tokens up to and including the first stop token; later positions are padding
+    after_stop_BL = (is_stop_BL.cumsum(1) - is_stop_BL.long()) > 0
+    response_mask_BL = ~after_stop_BL
+    attention_BT = torch.cat([prompt_attention_BP, response_mask_BL.long()], 1)
+    positions_BT = (attention_BT.cumsum(1) - 1).clamp(min=0)
+    return Rollouts(torch.cat([prompt_ids_BP, response_BL], 1), attention_BT, positions_BT, response_mask_BL,
+                    ~is_stop_BL.any(1))
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    samples_per_prompt: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Rollouts:
+    """Sample `samples_per_prompt` answers per prompt (rows grouped by prompt), stopping on the same stop ids as
+    evals (`stop_token_ids`). Uses the model's KV-cached `generate`."""
+    texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    gen_config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=True,
+                                   temperature=temperature, top_p=top_p, num_return_sequences=samples_per_prompt)
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out_BT = model.generate(**enc, generation_config=gen_config)
+    P = enc["input_ids"].shape[1]
+    return rollouts_from_ids(out_BT[:, :P], enc["attention_mask"].repeat_interleave(samples_per_prompt, 0),
+                             out_BT[:, P:], gen_config.eos_token_id or [])

@@ -34,8 +34,8 @@ def test_rollouts_stop_on_every_end_token_of_the_generation_config(tiny_lm):
     model.generation_config.eos_token_id = [tok.eos_token_id, second_end]
     _always_emits(model, second_end)
     assert stop_token_ids(model, tok) == [tok.eos_token_id, second_end]
-    ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, ["Say hi.", "Write a longer poem please."],
-                                                           _stage(max_new_tokens=8, samples_per_prompt=2), {})
+    r = sample(model, tok, ["Say hi.", "Write a longer poem please."], _stage(max_new_tokens=8, samples_per_prompt=2), {})
+    ids_BT, mask_BL, truncated_B = r.ids_BT, r.response_mask_BL, r.truncated_B
     assert mask_BL.shape == (4, 1)  # generation stopped right after the second end token
     assert mask_BL.all() and not truncated_B.any()  # the end token is part of the response
     assert (ids_BT[:, -1] == second_end).all()
@@ -47,11 +47,10 @@ def test_response_mask_includes_the_first_end_token_and_excludes_what_follows(ti
     model, tok = tiny_lm
     model = copy.deepcopy(model)
     _always_emits(model, tok.eos_token_id)
-    ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, ["a", "a much longer prompt than a"],
-                                                           _stage(max_new_tokens=5, samples_per_prompt=1), {})
-    assert mask_BL.tolist() == [[True], [True]]
+    r = sample(model, tok, ["a", "a much longer prompt than a"], _stage(max_new_tokens=5, samples_per_prompt=1), {})
+    assert r.response_mask_BL.tolist() == [[True], [True]]
     # left-padded prompts: attention covers the real prompt tokens and the response; positions count from 0
-    for row_attn, row_pos in zip(attn_BT, pos_BT):
+    for row_attn, row_pos in zip(r.attention_BT, r.positions_BT):
         first = int(row_attn.argmax())
         assert row_attn[first:].all() and not row_attn[:first].any()
         assert row_pos[first:].tolist() == list(range(len(row_attn) - first))
@@ -61,8 +60,24 @@ def test_truncated_rollouts_are_flagged_and_fully_masked(tiny_lm):
     model, tok = tiny_lm
     model = copy.deepcopy(model)
     _always_emits(model, tok.convert_tokens_to_ids("<|user|>"))  # never an end token
-    _, _, _, mask_BL, truncated_B = sample(model, tok, ["a"], _stage(max_new_tokens=4, samples_per_prompt=3), {})
-    assert mask_BL.shape == (3, 4) and mask_BL.all() and truncated_B.all()
+    r = sample(model, tok, ["a"], _stage(max_new_tokens=4, samples_per_prompt=3), {})
+    assert r.response_mask_BL.shape == (3, 4) and r.response_mask_BL.all() and r.truncated_B.all()
+
+
+def test_rollout_masks_and_positions_from_known_ids():
+    """Two rows after left-padded prompts: stop in the middle (then padding), and no stop at all."""
+    from continual_opd.generation import rollouts_from_ids
+
+    END, PAD = 2, 0
+    prompt = torch.tensor([[PAD, 7, 8], [5, 6, 7]])
+    prompt_attn = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    resp = torch.tensor([[9, END, PAD, PAD], [9, 9, 9, 9]])
+    r = rollouts_from_ids(prompt, prompt_attn, resp, [END, 99])
+    assert r.response_mask_BL.tolist() == [[True, True, False, False], [True] * 4]  # the end token is included
+    assert r.truncated_B.tolist() == [False, True]
+    assert r.attention_BT.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert r.positions_BT[0, 1:5].tolist() == [0, 1, 2, 3] and r.positions_BT[1].tolist() == list(range(7))
+    assert r.tokens_BL.tolist() == resp.tolist()
 
 
 @pytest.mark.parametrize("n, L, V, budget, want", [

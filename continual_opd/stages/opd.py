@@ -1,14 +1,15 @@
 """On-policy distillation (OPD) stage: the student samples, a frozen snapshot teacher scores every token.
 
-One step, top to bottom:
-    sample     the student answers `prompts_per_step` prompts × `samples_per_prompt` (KV-cached generate)
+One step, top to bottom (`run_opd` schedules; `opd_step` is the update, also called by tests and bench/):
+    sample     the student answers `prompts_per_step` prompts × `samples_per_prompt` (KV-cached generate,
+               `generation.sample_rollouts`, stopping on the same end tokens as evals)
     teacher    the frozen teacher scores the same tokens (for a LoRA student whose teacher is its own base:
                the same model with adapters disabled, so only one model is in memory)
-    student    the student scores them with gradients
+    student    the student scores them with gradients, in micro-batches that bound the logits' memory
     loss       per-token divergence on response tokens (estimator chosen in the recipe, see losses.py)
                + `replay.weight` × LM loss on replayed SFT examples (keeps the new knowledge)
-    step       AdamW, grad-norm clipping
-    log        teacher KL, entropy, lengths, truncation, tokens, wall time split generate/teacher/student
+    step       AdamW, grad-norm clipping, LR schedule
+    log        teacher KL, entropy (the loss's own stats), lengths, truncation, tokens, time generate/teacher/student
     eval/save  suites every `eval_every` steps, checkpoints every `save_every` steps (resume restores RNG)
 
 Why a hand-written loop and not TRL's DistillationTrainer: TRL 1.16's trainer needs a separate teacher model
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from continual_opd import models
 from continual_opd.config import OPDStage
 from continual_opd.data import build_mixture, build_pools, prompts_from_rows
 from continual_opd.errors import TrainingError
-from continual_opd.generation import generation_config, generation_mode, render_prompts
+from continual_opd.generation import Rollouts, sample_rollouts
 from continual_opd.io import atomic_write_json, read_jsonl
 from continual_opd.stages import losses
 
@@ -53,30 +55,11 @@ def pick_prompts(chat: list, docs: list, n: int, doc_fraction: float, rng: rando
     return rng.sample(chat, min(n - n_doc, len(chat))) + (rng.sample(docs, min(n_doc, len(docs))) if n_doc else [])
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwargs: dict):
-    """Sample `samples_per_prompt` answers per prompt. Returns ids/attention/position ids of prompt+answer
-    (prompts left-padded), the response mask (answer tokens up to and including EOS) and truncation flags."""
-    texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
-    # the same stop ids as evals (every end token the model's generation config lists)
-    gen_config = generation_config(model, tokenizer, max_new_tokens=stage.max_new_tokens, do_sample=True,
-                                   temperature=stage.temperature, top_p=stage.top_p,
-                                   num_return_sequences=stage.samples_per_prompt)
-    stop_ids = torch.tensor(gen_config.eos_token_id or [], dtype=torch.long, device=model.device)
-    with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out_BT = model.generate(**enc, generation_config=gen_config)
-    P = enc["input_ids"].shape[1]
-    resp_BL = out_BT[:, P:]
-    is_eos_BL = torch.isin(resp_BL, stop_ids)
-    # response = tokens up to and including the first EOS; later positions are padding
-    after_eos_BL = (is_eos_BL.cumsum(1) - is_eos_BL.long()) > 0
-    resp_mask_BL = ~after_eos_BL
-    truncated_B = ~is_eos_BL.any(1)
-    prompt_attn_BP = enc["attention_mask"].repeat_interleave(stage.samples_per_prompt, 0)
-    attn_BT = torch.cat([prompt_attn_BP, resp_mask_BL.long()], 1)
-    pos_BT = (attn_BT.cumsum(1) - 1).clamp(min=0)
-    return out_BT, attn_BT, pos_BT, resp_mask_BL, truncated_B
+def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwargs: dict) -> Rollouts:
+    """The stage's rollouts: `samples_per_prompt` answers per prompt at the stage's temperature and top-p."""
+    return sample_rollouts(model, tokenizer, prompts, max_new_tokens=stage.max_new_tokens,
+                           samples_per_prompt=stage.samples_per_prompt, temperature=stage.temperature,
+                           top_p=stage.top_p, chat_template_kwargs=chat_template_kwargs)
 
 
 def auto_micro_batch_size(n_rollouts: int, L: int, vocab_size: int, budget_mb: float) -> int:
@@ -118,10 +101,76 @@ def pad_batch(examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), labels.to(device), attn.to(device)
 
 
-def lr_factor(i: int, stage: OPDStage) -> float:
-    """Linear warmup over `warmup_steps`, then constant or a linear/cosine decay to 0 at the last step."""
-    import math
+class NonFiniteLoss(Exception):
+    """The step's loss is nan/inf; raised before the optimizer step, so the parameters are untouched."""
 
+    def __init__(self, value: float):
+        super().__init__(f"loss is {value}")
+        self.value = value
+
+
+def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *, scheduler=None,
+             replay_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """One OPD update on given rollouts: teacher scores → student scores → divergence (+ replay LM loss) →
+    backward → clip → optimizer (and scheduler) step. Returns the step's stats (one number each).
+
+    Rollouts are processed in micro-batches of `stage.micro_batch_size` (default: as many as fit
+    `stage.logits_budget_mb`). Each micro-batch's loss is a mean over its response tokens, so it is weighted by its
+    share of the step's tokens: the gradient equals the one of the whole batch at once. The monitors are the loss's
+    own per-token means, weighted the same way: `teacher_kl` is the reverse KL per token (exact for the
+    full-vocabulary losses, the sampled-token estimate for `sampled`), `student_entropy` likewise.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    mask_BL, tokens_BL = rollouts.response_mask_BL, rollouts.tokens_BL
+    L = mask_BL.shape[1]
+    n_tok = int(mask_BL.sum())
+    mb = stage.micro_batch_size or auto_micro_batch_size(len(rollouts), L, student.config.vocab_size,
+                                                          stage.logits_budget_mb)
+    optimizer.zero_grad(set_to_none=True)
+    distill_loss, agg, t_teacher, t0 = 0.0, {}, 0.0, time.perf_counter()
+    for i in range(0, len(rollouts), mb):
+        part_r = rollouts[i:i + mb]
+        tt = time.perf_counter()
+        with torch.no_grad():
+            t_logits_BLV = response_logits(teacher, part_r.ids_BT, part_r.attention_BT, part_r.positions_BT, L)
+        t_teacher += time.perf_counter() - tt
+        s_logits_BLV = response_logits(student, part_r.ids_BT, part_r.attention_BT, part_r.positions_BT, L)
+        part, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[i:i + mb], mask_BL[i:i + mb])
+        share = float(mask_BL[i:i + mb].sum()) / max(n_tok, 1)
+        (part * share).backward()
+        distill_loss += part.item() * share
+        for k, v in stats.items():
+            if k != "num_tokens":
+                agg[k] = agg.get(k, 0.0) + float(v) * share
+        del s_logits_BLV, t_logits_BLV
+    loss = distill_loss
+    row: dict[str, float] = {}
+    if replay_batch is not None:
+        r_ids, r_labels, r_attn = replay_batch
+        r_loss, _ = losses.lm_loss(student(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
+        (stage.replay.weight * r_loss).backward()
+        loss += stage.replay.weight * r_loss.item()
+        row["replay_loss"] = r_loss.item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    row.update({"loss": loss, "distill_loss": distill_loss, "teacher_kl": agg.get("reverse_kl", 0.0),
+                "student_entropy": agg.get("student_entropy", 0.0),
+                **{k: agg[k] for k in ("forward_kl", "teacher_entropy") if k in agg},
+                "response_len": n_tok / len(rollouts), "truncation_rate": float(rollouts.truncated_B.float().mean()),
+                "tokens_sampled": n_tok, "grad_norm": float(grad_norm), "lr": lr, "micro_batch_size": mb,
+                "time_teacher_s": t_teacher, "time_student_s": time.perf_counter() - t0 - t_teacher})
+    return row
+
+
+def lr_factor(i: int, stage: OPDStage) -> float:
+    """LR multiplier for the update at 0-based index i: linear warmup over `warmup_steps` ((i + 1) / warmup), then
+    constant, or a linear/cosine decay from 1 after warmup to 0 at index `steps`."""
     if i < stage.warmup_steps:
         return (i + 1) / stage.warmup_steps
     if stage.lr_scheduler == "constant":
@@ -196,71 +245,30 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
             rng = random.Random(recipe.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
             prompts = pick_prompts(chat_prompts, doc_prompts, stage.prompts_per_step, stage.doc_prompt_fraction, rng)
 
-            # 1. sample from the student
-            ids_BT, attn_BT, pos_BT, mask_BL, truncated_B = sample(model, tok, prompts, stage, tmpl_kw)
-            L = mask_BL.shape[1]
-            tokens_BL = ids_BT[:, -L:]
-            t1 = time.time()
+            # 1. sample from the student (the same stop tokens as evals)
+            rollouts = sample(model, tok, prompts, stage, tmpl_kw)
+            t_generate = time.time() - t0
 
-            # 2-3. teacher scores every sampled token (no gradient), the student scores them with gradients;
-            # per-token divergence on response tokens, in micro-batches weighted by their share of tokens
-            optimizer.zero_grad(set_to_none=True)
-            n_tok = int(mask_BL.sum())
-            mb = stage.micro_batch_size or auto_micro_batch_size(len(ids_BT), L, model.config.vocab_size,
-                                                                  stage.logits_budget_mb)
-            kl_loss, agg, t_teacher = 0.0, {}, 0.0
-            for i in range(0, len(ids_BT), mb):
-                sl = slice(i, i + mb)
-                tt = time.time()
-                with torch.no_grad():
-                    t_logits_BLV = response_logits(teacher, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
-                t_teacher += time.time() - tt
-                s_logits_BLV = response_logits(model, ids_BT[sl], attn_BT[sl], pos_BT[sl], L)
-                part, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[sl], mask_BL[sl])
-                share = float(mask_BL[sl].sum()) / max(n_tok, 1)
-                (part * share).backward()
-                kl_loss += part.item() * share
-                # Monitors are the loss's own per-token means (no extra vocabulary passes), token-weighted
-                # across micro-batches. reverse_kl is exact for full-vocabulary losses and the sampled-token
-                # estimate (unbiased on-policy) for `sampled`.
-                for k, v in stats.items():
-                    if k != "num_tokens":
-                        agg[k] = agg.get(k, 0.0) + float(v) * share
-                del s_logits_BLV, t_logits_BLV
-            loss = torch.tensor(kl_loss)
+            # 2-5. teacher scores → student scores → divergence (+ replay) → backward → step
+            replay_batch = None
             if replay is not None:
                 batch = replay[(step - 1) * stage.replay.batch_size: step * stage.replay.batch_size]
-                r_ids, r_labels, r_attn = pad_batch(batch, tok.pad_token_id, model.device)
-                r_loss, _ = losses.lm_loss(model(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
-                (stage.replay.weight * r_loss).backward()
-                loss = loss + stage.replay.weight * r_loss.detach()
-            if not torch.isfinite(loss):
-                raise TrainingError(f"stage {stage.name}: loss is {loss.item()} at step {step}; last good checkpoint: "
-                                    f"{last_good or 'none (stage start)'}; lower stages.{ctx.stage_index}.lr or check the teacher")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            t3 = time.time()  # student time = forward/backward/step, teacher time excluded
+                replay_batch = pad_batch(batch, tok.pad_token_id, model.device)
+            try:
+                row = opd_step(model, teacher, rollouts, stage, optimizer, scheduler=scheduler, replay_batch=replay_batch)
+            except NonFiniteLoss as e:
+                raise TrainingError(f"stage {stage.name}: loss is {e.value} at step {step}; last good checkpoint: "
+                                    f"{last_good or 'none (stage start)'}; lower stages.{ctx.stage_index}.lr or check the teacher") from None
 
-            # 4. log
-            ctx.sink.tokens += n_tok
+            # 6. log
+            ctx.sink.tokens += row["tokens_sampled"]
             ctx.sink.samples += n_samples
-            teacher_kl = agg.get("reverse_kl", 0.0)
-            extra = {k: agg[k] for k in ("forward_kl", "teacher_entropy") if k in agg}
-            row = {"loss": loss.item(), "distill_loss": kl_loss, "teacher_kl": teacher_kl,
-                   "student_entropy": agg.get("student_entropy", 0.0), **extra, "response_len": n_tok / len(mask_BL),
-                   "micro_batch_size": mb,
-                   "truncation_rate": float(truncated_B.float().mean()), "tokens_sampled": n_tok,
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "time_generate_s": t1 - t0, "time_teacher_s": t_teacher, "time_student_s": t3 - t1 - t_teacher}
-            if replay is not None:
-                row["replay_loss"] = r_loss.item()
-            ctx.sink.log(step, "opd", row)
+            ctx.sink.log(step, "opd", {**row, "time_generate_s": t_generate})
             t_train += time.time() - t0
             bar.update(1)
-            bar.set_postfix(kl=f"{teacher_kl:.3f}", len=f"{row['response_len']:.1f}")
+            bar.set_postfix(kl=f"{row['teacher_kl']:.3f}", len=f"{row['response_len']:.1f}")
 
-            # 5. eval and checkpoint
+            # 7. eval and checkpoint
             if step == stage.steps or (stage.eval_every and step % stage.eval_every == 0):
                 te = time.time()
                 results = ctx.evaluate(model, step)
