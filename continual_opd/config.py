@@ -30,7 +30,7 @@ class ModelConfig(Strict):
     gguf_file: str | None = None
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repo's own Python code (only for repos you trust)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
 
@@ -38,8 +38,8 @@ class ModelConfig(Strict):
 class LoraConfig(Strict):
     r: int = Field(16, gt=0)  # adapter rank
     alpha: int = Field(32, gt=0)  # scaling = alpha / r
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter's input
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names (q_proj, ...) or every Linear
     # Extra modules trained in full and saved with the adapter. New company names are often new token
     # sequences: training the embeddings helps a small model learn them (`[embed_tokens, lm_head]`).
     modules_to_save: list[str] | None = None
@@ -50,8 +50,8 @@ class EvalsConfig(Strict):
     # General chat prompts (IFEval schema or messages) for KL(student || stage-start snapshot): a cheap
     # leading indicator of forgetting, logged at every eval point of a training stage.
     kl_prompts: str | None = None
-    kl_num_prompts: int = Field(32, gt=0)
-    kl_max_new_tokens: int = Field(48, gt=0)
+    kl_num_prompts: int = Field(32, gt=0)  # the first N prompts of kl_prompts
+    kl_max_new_tokens: int = Field(48, gt=0)  # length of the stage-start snapshot's greedy answers it scores
 
 
 class SFTDataConfig(Strict):
@@ -83,17 +83,17 @@ class StageBase(Strict):
 
 
 class EvalStage(StageBase):
-    kind: Literal["eval"]
+    kind: Literal["eval"]  # run the suites on the current model, no training
 
 
 class TrainStageBase(StageBase):
-    finetune: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    finetune: Literal["full", "lora"] = "full"  # full: every weight; lora: a PEFT adapter on the frozen base
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # adapter settings when finetune: lora
     lr: float | None = Field(None, gt=0)  # default: 1e-4 for LoRA, 2e-5 for full fine-tuning
-    steps: int = Field(100, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    steps: int = Field(100, gt=0)  # optimizer updates in this stage
+    warmup_steps: int = Field(0, ge=0)  # linear LR warmup from ~0 to lr over this many updates
+    weight_decay: float = Field(0.0, ge=0)  # AdamW decoupled weight decay
+    max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this global L2 norm
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end of the stage
     save_every: int = Field(0, ge=0)  # checkpoint interval in steps (0: end only)
 
@@ -103,12 +103,13 @@ class TrainStageBase(StageBase):
 
 
 class SFTStage(TrainStageBase):
-    kind: Literal["sft"]
-    data: SFTDataConfig = Field(default_factory=SFTDataConfig)
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    kind: Literal["sft"]  # supervised fine-tuning (mid-training) with TRL's SFTTrainer
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig)  # sources and their token mix
+    batch_size: int = Field(16, gt=0)  # examples per forward/backward
+    grad_accum: int = Field(1, gt=0)  # micro-batches per update: examples per update = batch_size * grad_accum
     max_seq_len: int = Field(256, gt=8)  # documents are chunked to this length; chat longer is truncated
-    lr_scheduler: str = "constant_with_warmup"
+    # after `warmup_steps` of linear warmup: constant, or a linear/cosine decay to 0 at `steps` (as OPD's)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     gradient_checkpointing: bool = False  # trade compute for memory (large models on small GPUs)
 
     @field_validator("data")
@@ -126,25 +127,28 @@ class ReplayConfig(Strict):
 
 
 class OPDStage(TrainStageBase):
-    kind: Literal["opd"]
+    kind: Literal["opd"]  # on-policy distillation: the student samples, the teacher scores every token
     teacher: str = "snapshot:base"  # snapshot:<name> (see README), a local path, or a hub id
     prompts: list[str] = Field(default_factory=list)  # .jsonl (IFEval schema, {"prompt"} or {"messages"})
     doc_prompts: list[str] = Field(default_factory=list)  # optional QA .jsonl whose questions become prompts
-    doc_prompt_fraction: float = Field(0.0, ge=0, le=1)
-    prompts_per_step: int = Field(16, gt=0)
-    samples_per_prompt: int = Field(2, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    doc_prompt_fraction: float = Field(0.0, ge=0, le=1)  # share of each step's prompts drawn from doc_prompts
+    prompts_per_step: int = Field(16, gt=0)  # distinct prompts per update (drawn by (seed, step), no repeats)
+    samples_per_prompt: int = Field(2, gt=0)  # rollouts per prompt: rollouts per update = prompts x samples
+    max_new_tokens: int = Field(64, gt=0)  # rollout length cap (a capped rollout is logged in truncation_rate)
     # Rollouts per forward/backward. None: as many as keep one (micro-batch, response length, vocab) float32
     # logits tensor within `logits_budget_mb` (all of them at a small vocabulary, 1 for Qwen3 at 1024 tokens).
     micro_batch_size: int | None = Field(None, gt=0)
     logits_budget_mb: float = Field(1024, gt=0)  # MiB for one logits tensor when micro_batch_size is None
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)  # rollout sampling temperature (1: the student's own distribution)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling for rollouts (1: off)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; decays to 0 at `steps`
+    # sampled: reverse KL of the sampled tokens as a per-token advantage (the reference method; needs only the
+    # teacher's log-probs of those tokens); full: exact reverse KL over the vocabulary; forward: forward KL on the
+    # student's rollouts; jsd: generalized JSD with `beta`. See stages/losses.py.
     loss: Literal["sampled", "full", "forward", "jsd"] = "sampled"
     beta: float = Field(0.5, ge=0, le=1)  # jsd interpolation (0 = forward KL, 1 = reverse KL)
     gamma: float = Field(0.0, ge=0, le=1)  # discount for the sampled estimator (0 = per-token, as the reference)
-    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(batch_size=0))
+    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(batch_size=0))  # off unless batch_size > 0
 
     @model_validator(mode="after")
     def _check_prompts(self):
@@ -152,6 +156,14 @@ class OPDStage(TrainStageBase):
             self.replay.data.check_sources_listed()
         if not self.prompts:
             raise ValueError("`prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)")
+        # An option the chosen loss ignores is a mistake (the user meant to change something): say so.
+        for option, applies_to in (("beta", "jsd"), ("gamma", "sampled")):
+            if option in self.model_fields_set and self.loss != applies_to:
+                raise ValueError(f"`{option}` only applies to loss: {applies_to} (this stage uses loss: {self.loss}); "
+                                 f"remove it or set loss: {applies_to}")
+        if self.doc_prompt_fraction > 0 and not self.doc_prompts:
+            raise ValueError(f"doc_prompt_fraction is {self.doc_prompt_fraction} but `doc_prompts` lists no files; "
+                             "add a QA .jsonl to doc_prompts or set doc_prompt_fraction: 0")
         return self
 
 
@@ -161,12 +173,12 @@ STAGE_CLASSES = {"eval": EvalStage, "sft": SFTStage, "opd": OPDStage}
 
 class Recipe(Strict):
     name: str  # run name shown in reports
-    seed: int = 0
+    seed: int = 0  # seeds data order, mixing, prompt choice, sampling and evals
     output_dir: str  # run directory; an existing non-empty one is never overwritten (use --resume)
     cache_dir: str | None = None  # demo model cache (default: $CONTINUAL_OPD_CACHE or ~/.cache/continual-opd)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    evals: EvalsConfig = Field(default_factory=EvalsConfig)
-    stages: list[Stage]
+    model: ModelConfig = Field(default_factory=ModelConfig)  # the starting model (every stage continues from it)
+    evals: EvalsConfig = Field(default_factory=EvalsConfig)  # suites run by eval stages and inside training stages
+    stages: list[Stage]  # run in order; each starts from the previous stage's model
     report: bool = True  # write report/ at the end of the run
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # live mirrors of metrics.jsonl
 

@@ -71,6 +71,17 @@ MALFORMED = [
      "stages: stage name 'a' is used twice; give each stage a unique name (got [...])"),
     (patched(stages__1__lora={"rank": 8}), "stages.1.lora.rank: unknown key; valid keys: alpha, dropout, modules_to_save, r, target_modules"),
     (patched(report_to=["mlflow"]), "report_to.0: Input should be 'tensorboard' or 'wandb' (got 'mlflow')"),
+    (patched(stages__2__beta=0.3),
+     "stages.2: `beta` only applies to loss: jsd (this stage uses loss: sampled); remove it or set loss: jsd"),
+    (patched(stages__2__loss="full", stages__2__gamma=0.9),
+     "stages.2: `gamma` only applies to loss: sampled (this stage uses loss: full); remove it or set loss: sampled"),
+    (patched(stages__2__doc_prompt_fraction=0.25),
+     "stages.2: doc_prompt_fraction is 0.25 but `doc_prompts` lists no files; add a QA .jsonl to doc_prompts or "
+     "set doc_prompt_fraction: 0"),
+    (patched(stages__1__lr_scheduler="constant_with_warmup"),
+     "stages.1.lr_scheduler: Input should be 'constant', 'linear' or 'cosine' (got 'constant_with_warmup')"),
+    (patched(stages__2__lr_scheduler="step"),
+     "stages.2.lr_scheduler: Input should be 'constant', 'linear' or 'cosine' (got 'step')"),
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -85,8 +86,29 @@ def test_ifeval_row_validation(tmp_path):
         load_ifeval_rows(bad)
 
 
-def test_official_ifeval_file_loads_and_scores(shared_dir):
-    rows = load_ifeval_rows(shared_dir / "ifeval" / "input_data.jsonl")
+OFFICIAL = Path(__file__).resolve().parents[1] / "data_samples" / "ifeval_official" / "input_data.jsonl"
+
+
+def test_shipped_official_ifeval_is_the_published_file(shared_dir):
+    assert OFFICIAL.read_bytes() == (shared_dir / "ifeval" / "input_data.jsonl").read_bytes()
+
+
+def test_official_suites_use_the_shipped_file_and_a_fixed_subset():
+    from continual_opd.evals import load_suite, select_rows
+
+    full, sub = load_suite("ifeval_official"), load_suite("ifeval_official_120")
+    assert full.data == sub.data == OFFICIAL and full.max_new_tokens == sub.max_new_tokens == 1280
+    rows = load_ifeval_rows(full.data)
+    picked = select_rows(rows, sub)
+    assert len(picked) == 120 and len({r["key"] for r in picked}) == 120
+    index = {r["key"]: i for i, r in enumerate(rows)}
+    assert [index[r["key"]] for r in picked] == sorted(index[r["key"]] for r in picked)  # file order
+    assert [r["key"] for r in picked] == [r["key"] for r in select_rows(rows, sub)]  # the same every time
+    assert picked[:3] != rows[:3]  # a sample, not the head of the file
+
+
+def test_official_ifeval_file_loads_and_scores():
+    rows = load_ifeval_rows(OFFICIAL)
     assert len(rows) == 541
     by_key = {r["key"]: r for r in rows}
     # key 1001: only "no commas"; key 1005: at least 12 [placeholders].

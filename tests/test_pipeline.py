@@ -174,3 +174,32 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(world, tmp_
     with pytest.raises(TrainingError, match=r"stage opd: loss is nan at step 3; last good checkpoint: .*checkpoint-2"):
         run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.3.micro_batch_size=4"]), progress=False)
     assert (out / "stages" / "03-opd" / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
+
+
+def test_lora_student_with_its_adapter_disabled_base_as_teacher(world, tmp_path, monkeypatch):
+    """LoRA SFT then LoRA OPD: one adapter trained across both stages, the teacher is the base with the adapter
+    disabled (no second model loaded), and every stage's model is reloadable from its ref."""
+    from continual_opd import models
+
+    loaded = []
+    real_load_frozen = models.load_frozen
+    monkeypatch.setattr(models, "load_frozen", lambda *a, **k: loaded.append(a) or real_load_frozen(*a, **k))
+    out = tmp_path / "run"
+    recipe = load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.1.finetune=lora", "stages.3.finetune=lora",
+                                                 "stages.1.lr=1e-2", "stages.3.lr=1e-2"])
+    run_recipe(recipe, progress=False)
+    assert loaded == []  # the teacher was the adapter-disabled student
+    state = json.loads((out / "run_state.json").read_text())
+    sft_ref, opd_ref = state["completed"][1]["ref"], state["completed"][3]["ref"]
+    assert sft_ref["base"] == opd_ref["base"] == str(world / "model")  # both adapters sit on the original base
+    assert Path(opd_ref["adapter"], "adapter_config.json").is_file()
+    kl = [r["value"] for r in rows_of(out) if r["stage"] == "opd" and r["metric"] == "teacher_kl"]
+    assert len(kl) == 3 and all(v == v for v in kl)  # logged every step, finite
+    # the saved OPD adapter reloads and differs from the SFT adapter
+    import torch
+
+    ids = torch.tensor([[5, 17, 40, 33, 9]])
+    with torch.no_grad():
+        a = models.load_model(models.ModelRef(**sft_ref), recipe.model)(input_ids=ids).logits
+        b = models.load_model(models.ModelRef(**opd_ref), recipe.model)(input_ids=ids).logits
+    assert (a - b).abs().max() > 1e-6

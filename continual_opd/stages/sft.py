@@ -58,6 +58,10 @@ class StageCallback(TrainerCallback):
             (ckpt / "COMPLETE").write_text("ok\n")
 
 
+# Our schedule names (shared with OPD) → transformers' schedulers, which all start with linear warmup.
+HF_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
 def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
     from trl import SFTConfig, SFTTrainer
 
@@ -79,7 +83,7 @@ def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.learning_rate,
-        lr_scheduler_type=stage.lr_scheduler,
+        lr_scheduler_type=HF_SCHEDULERS[stage.lr_scheduler],
         warmup_steps=stage.warmup_steps,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
