@@ -8,6 +8,7 @@ The pipeline records after every stage how to get that model back (`ModelRef`), 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 import yaml
 
-from continual_opd import models
+from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
 from continual_opd.errors import ConfigError, RunDirError
 from continual_opd.evals import seed_everything
@@ -43,6 +44,7 @@ class StageContext:
     snapshots: dict[str, models.ModelRef]
     resume_from: Path | None = None  # checkpoint directory to resume this stage from
     progress: bool = True
+    checkpoint_meta: dict = field(default_factory=dict)  # written into every checkpoint's meta.json (+ step)
 
     def resolve_teacher(self, teacher: str) -> models.ModelRef:
         if teacher.startswith("snapshot:"):
@@ -111,12 +113,6 @@ def _stage_dir(run_dir: Path, i: int, name: str) -> Path:
     return run_dir / "stages" / f"{i:02d}-{name}"
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    ckpts = [c for c in ckpts if (c / "COMPLETE").exists()]  # a checkpoint written half-way is ignored
-    return ckpts[-1] if ckpts else None
-
-
 # ---------------------------------------------------------------------------------------------- main loop
 
 
@@ -129,6 +125,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
     state = json.loads((run_dir / STATE_FILE).read_text()) if resume else {"completed": [], "global_step": 0}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     sink = MetricsSink(run_dir, recipe.report_to, run_name=recipe.name)
+    recipe_hash = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
     seed_everything(recipe.seed)
     try:
         base = models.resolve_base(recipe.model, recipe.cache_dir, progress=progress)
@@ -158,9 +155,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
                 results = evaluator(model, stage, stage_dir, 0)
                 steps = 0
             else:
-                resume_from = latest_checkpoint(stage_dir) if resume else None
+                resume_from = checkpoints.latest(stage_dir) if resume else None
                 if resume_from is not None:
-                    step = int(resume_from.name.split("-")[-1])
+                    step = checkpoints.step_of(resume_from)
                     dropped = sink.truncate_after(i, step)
                     log.info("resuming %s from %s (%d later metric rows dropped)", stage.name, resume_from, dropped)
                 else:
@@ -171,7 +168,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
                 evaluator.kl_monitor = _make_kl_monitor(recipe, tokenizer, model)
                 ctx = StageContext(model=model, tokenizer=tokenizer, recipe=recipe, stage_index=i, stage_dir=stage_dir,
                                    sink=sink, evaluate=lambda m, step, _s=stage, _d=stage_dir: evaluator(m, _s, _d, step),
-                                   base_ref=base_ref, snapshots=dict(snapshots), resume_from=resume_from, progress=progress)
+                                   base_ref=base_ref, snapshots=dict(snapshots), resume_from=resume_from, progress=progress,
+                                   checkpoint_meta={"stage": stage.name, "stage_index": i, "kind": stage.kind,
+                                                    "recipe_hash": recipe_hash, "parent": current.to_dict()})
                 results, steps = STAGE_RUNNERS[stage.kind](stage, ctx)
                 model = ctx.model
                 evaluator.kl_monitor = None

@@ -203,3 +203,32 @@ def test_lora_student_with_its_adapter_disabled_base_as_teacher(world, tmp_path,
         a = models.load_model(models.ModelRef(**sft_ref), recipe.model)(input_ids=ids).logits
         b = models.load_model(models.ModelRef(**opd_ref), recipe.model)(input_ids=ids).logits
     assert (a - b).abs().max() > 1e-6
+
+
+def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
+    from transformers import AutoModelForCausalLM
+
+    from continual_opd import checkpoints
+
+    run = world / "runs" / "default"
+    if not (run / "summary.json").exists():
+        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    state = json.loads((run / "run_state.json").read_text())
+    for stage_dir, kind, steps in [(run / "stages/01-sft", "sft", [2, 4]), (run / "stages/03-opd", "opd", [1, 2, 3])]:
+        ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=checkpoints.step_of)
+        assert [checkpoints.step_of(c) for c in ckpts] == steps
+        assert checkpoints.latest(stage_dir) == ckpts[-1]
+        for c in ckpts:
+            files = {p.name for p in c.iterdir()}
+            assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                    "meta.json", "COMPLETE"} <= files, (kind, files)
+            meta = checkpoints.read_meta(c)
+            assert meta["kind"] == kind and meta["step"] == checkpoints.step_of(c) and len(meta["recipe_hash"]) == 16
+            assert meta["parent"] == state["completed"][meta["stage_index"] - 1]["ref"]  # the model the stage started from
+        AutoModelForCausalLM.from_pretrained(ckpts[-1])  # any checkpoint is a loadable model
+    # a checkpoint without its COMPLETE marker is never resumed from
+    (ckpts[-1] / "COMPLETE").rename(ckpts[-1] / "COMPLETE.bak")
+    try:
+        assert checkpoints.latest(run / "stages/03-opd") == ckpts[-2]
+    finally:
+        (ckpts[-1] / "COMPLETE.bak").rename(ckpts[-1] / "COMPLETE")

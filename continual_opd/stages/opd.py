@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from continual_opd import models
+from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage
 from continual_opd.data import build_mixture, build_pools, prompts_from_rows
 from continual_opd.errors import TrainingError
 from continual_opd.generation import Rollouts, sample_rollouts
-from continual_opd.io import atomic_write_json, read_jsonl
+from continual_opd.io import read_jsonl
 from continual_opd.stages import losses
 
 log = logging.getLogger(__name__)
@@ -179,38 +179,6 @@ def lr_factor(i: int, stage: OPDStage) -> float:
     return max(0.0, 1 - frac) if stage.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _trainable_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               ckpt / "state.pt")
-    atomic_write_json(ckpt / "trainer_state.json", {"step": step})
-    (ckpt / "COMPLETE").write_text("ok\n")  # written last: a half-written checkpoint is never resumed from
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state["params"].items():
-            params[k].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -232,7 +200,7 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, stage))
     start = 0
     if ctx.resume_from is not None:
-        start = load_checkpoint(ctx.resume_from, model, optimizer, scheduler)
+        start = checkpoints.load_training_state(ctx.resume_from, model, optimizer, scheduler)
     model.train()
     results: dict = {}
     last_good = ctx.resume_from
@@ -276,8 +244,9 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
                 ctx.sink.log(step, "time", {"train_s": t_train, "eval_total_s": t_eval})
                 model.train()
             if stage.save_every and step % stage.save_every == 0:
-                last_good = ctx.stage_dir / "checkpoints" / f"checkpoint-{step}"
-                save_checkpoint(last_good, model, optimizer, scheduler, step)
+                last_good = checkpoints.path(ctx.stage_dir, step)
+                checkpoints.save_training_state(last_good, model, optimizer, scheduler, step,
+                                                {**ctx.checkpoint_meta, "step": step})
     bar.close()
     if not results:  # resumed at the very end
         results = ctx.evaluate(model, stage.steps)

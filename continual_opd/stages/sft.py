@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from continual_opd import checkpoints
 from continual_opd.config import SFTStage
 from continual_opd.data import build_mixture, build_pools
 
@@ -52,10 +53,10 @@ class StageCallback(TrainerCallback):
             self.ctx.sink.log(state.global_step, "train", keep)
 
     def on_save(self, args, state, control, **kw):
-        # The Trainer has finished writing checkpoint-N when on_save fires: mark it complete for resume.
-        ckpt = self.ctx.stage_dir / "checkpoints" / f"checkpoint-{state.global_step}"
+        # The Trainer has finished writing checkpoint-N when on_save fires: add meta.json and mark it complete.
+        ckpt = checkpoints.path(self.ctx.stage_dir, state.global_step)
         if ckpt.exists():
-            (ckpt / "COMPLETE").write_text("ok\n")
+            checkpoints.mark_complete(ckpt, {**self.ctx.checkpoint_meta, "step": state.global_step})
 
 
 # Our schedule names (shared with OPD) → transformers' schedulers, which all start with linear warmup.
