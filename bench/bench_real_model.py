@@ -94,7 +94,7 @@ def bench_dtype(base: str, dtype: str, steps: int) -> dict:
         opt.step()
 
     out["sft_step_full_8x128_s"] = _median_time(sft_step, steps)
-    del full, opt
+
     lora = models.prepare_for_stage(copy.deepcopy(model), "lora", LoraConfig(r=16, alpha=32)).train()
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-6)
     times = {}

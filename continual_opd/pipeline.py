@@ -1,9 +1,9 @@
 """run_recipe: the run directory, stage order, snapshots, evals and resume.
 
 Stages do not know about each other: each gets a `StageContext` (the live model, its tokenizer, the
-metrics sink, an `evaluate(step)` callback, where to write, where to resume from) and trains in place.
-The pipeline records after every stage how to get that model back (`ModelRef`), which is what makes
-`snapshot:before-<stage>` teachers and `--resume` possible.
+metrics sink, an `evaluate(step)` callback, where to write, where to resume from) and returns a
+`StageResult` (stages/__init__.py). The pipeline records after every stage how to get that model back
+(`ModelRef`), which is what makes `snapshot:before-<stage>` teachers and `--resume` possible.
 """
 
 from __future__ import annotations
@@ -12,48 +12,21 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import torch
 import yaml
 
 from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
-from continual_opd.errors import ConfigError, RunDirError
+from continual_opd.errors import RunDirError
 from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
+from continual_opd.stages import StageContext
 from continual_opd.tracking import KL_TO_STAGE_START, MetricsSink
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
-
-
-@dataclass
-class StageContext:
-    model: torch.nn.Module
-    tokenizer: object
-    recipe: Recipe
-    stage_index: int
-    stage_dir: Path
-    sink: MetricsSink
-    evaluate: Callable[[torch.nn.Module, int], dict]  # (model, step) -> {"suite/metric": value}; logs rows
-    base_ref: str  # full weights under the current model (for LoRA students: the frozen base)
-    snapshots: dict[str, models.ModelRef]
-    resume_from: Path | None = None  # checkpoint directory to resume this stage from
-    progress: bool = True
-    checkpoint_meta: dict = field(default_factory=dict)  # written into every checkpoint's meta.json (+ step)
-
-    def resolve_teacher(self, teacher: str) -> models.ModelRef:
-        if teacher.startswith("snapshot:"):
-            name = teacher.removeprefix("snapshot:")
-            if name not in self.snapshots:
-                raise ConfigError(f"{self.recipe.source}: stages.{self.stage_index}.teacher: no snapshot named {name!r}; "
-                                  f"available here: {', '.join('snapshot:' + k for k in self.snapshots)}")
-            return self.snapshots[name]
-        return models.ModelRef(base=teacher)
 
 
 class Evaluator:
@@ -118,8 +91,6 @@ def _stage_dir(run_dir: Path, i: int, name: str) -> Path:
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Path:
     """Run every stage of the recipe; return the run directory."""
-    from continual_opd.stages import STAGE_RUNNERS
-
     preflight(recipe)  # bad data fails here, before the run dir is touched
     run_dir = prepare_run_dir(recipe, resume)
     state = json.loads((run_dir / STATE_FILE).read_text()) if resume else {"completed": [], "global_step": 0}
@@ -132,11 +103,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
         tokenizer = models.load_tokenizer(base, recipe.model)
         snapshots = {"base": models.ModelRef(base)}
         current = models.ModelRef(base)
-        base_ref = base
         for done in state["completed"]:
             snapshots.update({k: models.ModelRef(**v) for k, v in done["snapshots"].items()})
             current = models.ModelRef(**done["ref"])
-            base_ref = done["base_ref"]
         model = models.load_model(current, recipe.model)
         evaluator = Evaluator(recipe, tokenizer, sink, run_dir, progress)
         n_done = len(state["completed"])
@@ -163,27 +132,31 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
                 else:
                     sink.truncate_after(i, -1)  # rows of a stage killed before its first checkpoint
                 model = models.prepare_for_stage(model, stage.finetune, stage.lora)
-                if not models.is_peft(model):
-                    base_ref = current.base if current.adapter is None else base_ref
                 evaluator.kl_monitor = _make_kl_monitor(recipe, tokenizer, model)
                 ctx = StageContext(model=model, tokenizer=tokenizer, recipe=recipe, stage_index=i, stage_dir=stage_dir,
                                    sink=sink, evaluate=lambda m, step, _s=stage, _d=stage_dir: evaluator(m, _s, _d, step),
-                                   base_ref=base_ref, snapshots=dict(snapshots), resume_from=resume_from, progress=progress,
+                                   start_ref=current, snapshots=dict(snapshots), resume_from=resume_from, progress=progress,
                                    checkpoint_meta={"stage": stage.name, "stage_index": i, "kind": stage.kind,
                                                     "recipe_hash": recipe_hash, "parent": current.to_dict()})
-                results, steps = STAGE_RUNNERS[stage.kind](stage, ctx)
-                model = ctx.model
+                if isinstance(stage, SFTStage):
+                    from continual_opd.stages.sft import run_sft  # imports TRL: only when a stage trains
+
+                    out = run_sft(stage, ctx)
+                else:
+                    from continual_opd.stages.opd import run_opd
+
+                    out = run_opd(stage, ctx)
+                model, results, steps = out.model, out.results, out.steps
                 evaluator.kl_monitor = None
-                if not models.is_peft(model):
-                    base_ref = str(stage_dir / "final")
-                current = models.save_model(model, tokenizer, stage_dir / "final", base_ref)
+                # a LoRA adapter is saved on top of the base it was trained on; full weights stand alone
+                current = models.save_model(model, tokenizer, stage_dir / "final", current.base)
             stage_snaps[f"after-{stage.name}"] = current
             snapshots.update(stage_snaps)
             sink.log(steps, "time", {"stage_s": time.time() - t0})
             summary[stage.name] = {k: v for k, v in results.items() if not k.startswith("time/")}
             atomic_write_json(run_dir / "summary.json", summary)
             state["global_step"] = global_offset + steps
-            state["completed"].append({"index": i, "name": stage.name, "ref": current.to_dict(), "base_ref": base_ref,
+            state["completed"].append({"index": i, "name": stage.name, "ref": current.to_dict(),
                                        "snapshots": {k: v.to_dict() for k, v in stage_snaps.items()}})
             atomic_write_json(run_dir / STATE_FILE, state)
     finally:

@@ -20,12 +20,10 @@ generate/teacher/student timings. The estimators themselves are pure functions i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +34,7 @@ from continual_opd.data import build_mixture, build_pools, prompts_from_rows
 from continual_opd.errors import TrainingError
 from continual_opd.generation import Rollouts, sample_rollouts
 from continual_opd.io import read_jsonl
-from continual_opd.stages import losses
+from continual_opd.stages import EvalCadence, StageContext, StageResult, losses
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +180,7 @@ def lr_factor(i: int, stage: OPDStage) -> float:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
+def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
     recipe, model, tok = ctx.recipe, ctx.model, ctx.tokenizer
     tmpl_kw = recipe.model.chat_template_kwargs
     teacher_ref = ctx.resolve_teacher(stage.teacher)
@@ -202,12 +200,11 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
     if ctx.resume_from is not None:
         start = checkpoints.load_training_state(ctx.resume_from, model, optimizer, scheduler)
     model.train()
-    results: dict = {}
+    cadence = EvalCadence(stage, ctx)
     last_good = ctx.resume_from
-    t_train = t_eval = 0.0
     n_samples = stage.prompts_per_step * stage.samples_per_prompt
     bar = tqdm(total=stage.steps, initial=start, desc=f"opd {stage.name}", unit="step", disable=not ctx.progress)
-    with models.teacher_view(model, teacher_ref, ctx.base_ref, recipe.model) as teacher:
+    with models.teacher_view(model, teacher_ref, ctx.start_ref.base, recipe.model) as teacher:
         for step in range(start + 1, stage.steps + 1):
             t0 = time.time()
             rng = random.Random(recipe.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
@@ -232,22 +229,16 @@ def run_opd(stage: OPDStage, ctx) -> tuple[dict, int]:
             ctx.sink.tokens += row["tokens_sampled"]
             ctx.sink.samples += n_samples
             ctx.sink.log(step, "opd", {**row, "time_generate_s": t_generate})
-            t_train += time.time() - t0
             bar.update(1)
             bar.set_postfix(kl=f"{row['teacher_kl']:.3f}", len=f"{row['response_len']:.1f}")
 
             # 7. eval and checkpoint
-            if step == stage.steps or (stage.eval_every and step % stage.eval_every == 0):
-                te = time.time()
-                results = ctx.evaluate(model, step)
-                t_eval += time.time() - te
-                ctx.sink.log(step, "time", {"train_s": t_train, "eval_total_s": t_eval})
+            if cadence.due(step):
+                cadence.evaluate(model, step)
                 model.train()
             if stage.save_every and step % stage.save_every == 0:
                 last_good = checkpoints.path(ctx.stage_dir, step)
                 checkpoints.save_training_state(last_good, model, optimizer, scheduler, step,
                                                 {**ctx.checkpoint_meta, "step": step})
     bar.close()
-    if not results:  # resumed at the very end
-        results = ctx.evaluate(model, stage.steps)
-    return results, stage.steps
+    return cadence.final(model)

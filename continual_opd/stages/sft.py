@@ -9,7 +9,6 @@ and marks finished checkpoints → resume through HF Trainer's `resume_from_chec
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from datasets import Dataset
@@ -18,34 +17,27 @@ from transformers import TrainerCallback
 from continual_opd import checkpoints
 from continual_opd.config import SFTStage
 from continual_opd.data import build_mixture, build_pools
+from continual_opd.stages import EvalCadence, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
 
 class StageCallback(TrainerCallback):
-    """Evals every N steps + metrics mirroring + checkpoint completion markers, shared by training stages."""
+    """Evals on the stage's cadence, metrics mirroring, and checkpoint completion (meta.json + COMPLETE)."""
 
-    def __init__(self, stage, ctx, steps: int, samples_per_step: int):
-        self.stage, self.ctx, self.steps, self.samples_per_step = stage, ctx, steps, samples_per_step
-        self.eval_s = 0.0
-        self.results: dict = {}
-        self._t_start = time.time()
+    def __init__(self, stage: SFTStage, ctx: StageContext, samples_per_step: int):
+        self.ctx, self.samples_per_step = ctx, samples_per_step
+        self.cadence = EvalCadence(stage, ctx)
         self._tokens_at_start = ctx.sink.tokens
         self._samples_at_start = ctx.sink.samples
-
-    def _due(self, step: int) -> bool:
-        return step == self.steps or (self.stage.eval_every and step % self.stage.eval_every == 0)
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
         sink = self.ctx.sink
         sink.samples = self._samples_at_start + step * self.samples_per_step
         sink.tokens = self._tokens_at_start + int(getattr(state, "num_input_tokens_seen", 0) or 0)
-        if self._due(step):
-            t0 = time.time()
-            self.results = self.ctx.evaluate(model, step)
-            self.eval_s += time.time() - t0
-            sink.log(step, "time", {"train_s": time.time() - self._t_start - self.eval_s, "eval_total_s": self.eval_s})
+        if self.cadence.due(step):
+            self.cadence.evaluate(model, step)
 
     def on_log(self, args, state, control, logs=None, **kw):
         keep = {k: v for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm") and v is not None}
@@ -63,7 +55,7 @@ class StageCallback(TrainerCallback):
 HF_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
+def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     recipe = ctx.recipe
@@ -103,10 +95,7 @@ def run_sft(stage: SFTStage, ctx) -> tuple[dict, int]:
         disable_tqdm=not ctx.progress,
         bf16=next(ctx.model.parameters()).dtype == torch.bfloat16,
     )
-    callback = StageCallback(stage, ctx, stage.steps, samples_per_step)
+    callback = StageCallback(stage, ctx, samples_per_step)
     trainer = SFTTrainer(model=ctx.model, args=args, train_dataset=train, processing_class=tok, callbacks=[callback])
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    ctx.model = trainer.model
-    if not callback.results:  # resumed at the very end: nothing left to evaluate in this process
-        callback.results = ctx.evaluate(ctx.model, stage.steps)
-    return callback.results, stage.steps
+    return callback.cadence.final(trainer.model)
