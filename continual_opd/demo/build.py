@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from continual_opd.errors import DataError
+from continual_opd.resources import DATA_DIR  # data_samples/ of the checkout or the wheel
 
 BUILD_VERSION = "1"  # bump when the build procedure changes in a way the hash cannot see
-DATA_DIR = Path(__file__).resolve().parents[2] / "data_samples"
 TRAIN_FILE = "chat/demo_model_train.jsonl"
 # The tokenizer also sees the handbook, so company names and codes tokenize sanely. Only files that shape
 # the model are read (and hashed): changing the SFT chat mix or the eval prompts never rebuilds it.

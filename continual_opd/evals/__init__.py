@@ -19,11 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-import continual_opd
 from continual_opd.errors import ConfigError
 
-REPO_DIR = Path(continual_opd.__file__).resolve().parents[1]
-SUITES_DIR = REPO_DIR / "eval_suites"
+from continual_opd.resources import SUITES_DIR  # eval_suites/ of the checkout or the wheel
 
 # Options that only mean something for one kind; setting them on another kind is a mistake we report.
 _KIND_OPTIONS = {
