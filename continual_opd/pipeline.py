@@ -67,8 +67,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
     run_dir = Path(recipe.output_dir).expanduser().resolve()
     resolved = recipe_to_yaml(recipe)
     if resume:
-        if not (run_dir / STATE_FILE).exists():
-            raise RunDirError(f"{run_dir}: nothing to resume (no {STATE_FILE}); run without --resume to start it")
+        if not (run_dir / "recipe.resolved.yaml").exists():
+            raise RunDirError(f"{run_dir}: nothing to resume (no recipe.resolved.yaml); run without --resume to start it")
         old = (run_dir / "recipe.resolved.yaml").read_text(encoding="utf-8")
         if yaml.safe_load(old) != yaml.safe_load(resolved):
             raise RunDirError(f"{run_dir}: the recipe differs from the run's recipe.resolved.yaml; resume with the "
@@ -79,6 +79,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
                           "or continue it with --resume (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.resolved.yaml", resolved)
+    # From here on the directory is a run: if anything fails before a stage completes, `--resume` restarts it
+    # from the beginning in place (the state below says no stage is done).
+    atomic_write_json(run_dir / STATE_FILE, {"completed": [], "global_step": 0})
     return run_dir
 
 
@@ -93,7 +96,8 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
     """Run every stage of the recipe; return the run directory."""
     preflight(recipe)  # bad data fails here, before the run dir is touched
     run_dir = prepare_run_dir(recipe, resume)
-    state = json.loads((run_dir / STATE_FILE).read_text()) if resume else {"completed": [], "global_step": 0}
+    fresh = {"completed": [], "global_step": 0}
+    state = json.loads((run_dir / STATE_FILE).read_text()) if (run_dir / STATE_FILE).exists() else fresh
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     sink = MetricsSink(run_dir, recipe.report_to, run_name=recipe.name)
     recipe_hash = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
@@ -121,6 +125,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
             log.info("stage %d/%d: %s (%s)", i + 1, len(recipe.stages), stage.name, stage.kind)
             t0 = time.time()
             if stage.kind == "eval":
+                sink.truncate_after(i, -1)  # rows of an eval stage that was killed half-way
                 results = evaluator(model, stage, stage_dir, 0)
                 steps = 0
             else:

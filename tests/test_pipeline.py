@@ -232,3 +232,32 @@ def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
         assert checkpoints.latest(run / "stages/03-opd") == ckpts[-2]
     finally:
         (ckpts[-1] / "COMPLETE.bak").rename(ckpts[-1] / "COMPLETE")
+
+
+def test_run_that_fails_before_its_first_stage_completes_resumes_from_the_beginning(world, tmp_path, monkeypatch, capsys):
+    from continual_opd import tracking
+
+    ref_dir = world / "runs" / "default"
+    if not (ref_dir / "summary.json").exists():
+        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    out = tmp_path / "run"
+    original = tracking.MetricsSink.log
+
+    def crash_in_baseline(self, step, suite, values, **kw):
+        if self.stage == "baseline" and suite == "domain_qa":  # after the baseline's ifeval rows were written
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, suite, values, **kw)
+
+    monkeypatch.setattr(tracking.MetricsSink, "log", crash_in_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
+    monkeypatch.setattr(tracking.MetricsSink, "log", original)
+    # starting it again is refused with the way forward; nothing is touched
+    assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}"]) == 2
+    assert "continue it with --resume" in capsys.readouterr().err
+    run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), resume=True, progress=False)
+    got, want = json.loads((out / "summary.json").read_text()), json.loads((ref_dir / "summary.json").read_text())
+    assert list(got) == list(want)
+    assert got["baseline"]["ifeval/prompt_level_strict_acc"] == want["baseline"]["ifeval/prompt_level_strict_acc"]
+    keys = [(r["stage"], r["step"], r["suite"], r["metric"]) for r in rows_of(out)]
+    assert len(keys) == len(set(keys))  # the half-finished baseline's rows were not duplicated
