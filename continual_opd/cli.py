@@ -114,8 +114,7 @@ def _dispatch(args) -> int:
         from continual_opd.report import write_comparison
 
         out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
+        _check_out(out)
         print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out)}")
         return 0
     if args.command == "build-demo":
@@ -136,8 +135,8 @@ def _eval(args) -> int:
     from pydantic import ValidationError
 
     out = Path(args.out) if args.out else None
-    if out and out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
+    if out:
+        _check_out(out)
     suites = [load_suite(s, Path.cwd()) for s in args.suite]  # fail on a bad suite before loading a model
     for opt in ("limit", "batch_size"):
         value = getattr(args, opt)
@@ -169,6 +168,14 @@ def _eval(args) -> int:
         if not k.split("/", 1)[1].startswith("type/"):
             print(f"{k:45s} {v:.4f}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    from continual_opd.pipeline import check_output_dir
+
+    check_output_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
 
 
 def _print_summary(summary: dict) -> None:

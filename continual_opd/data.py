@@ -10,12 +10,15 @@ are returned so the stage can log them.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from continual_opd.errors import DataError
-from continual_opd.io import read_jsonl
+from continual_opd.io import read_jsonl, read_text
+
+log = logging.getLogger(__name__)
 
 DOC_SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -53,22 +56,26 @@ def load_documents(sources: list[str]) -> list[str]:
         if isinstance(f, str):
             texts.extend(r["text"] for r in _hf_rows(f))
         elif f.suffix == ".jsonl":
-            texts.extend(r["text"] for r in read_jsonl(f, required=("text",), what="documents"))
+            for where, r in _rows_with_lines(f, ("text",), "documents"):
+                if not isinstance(r["text"], str) or not r["text"].strip():
+                    raise DataError(f"{where}: `text` must be a non-empty string, got {json.dumps(r['text'])[:40]}; "
+                                    "fix or remove the line")
+                texts.append(r["text"])
         else:
-            text = f.read_text(encoding="utf-8")
+            text = read_text(f, "document")
             if not text.strip():
                 raise DataError(f"{f}: document is empty; remove it or add text")
             texts.append(text)
     return texts
 
 
-def check_messages(messages, where: str) -> list[dict]:
+def check_messages(messages, where: str, final_assistant: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} turns")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: each turn needs role (system/user/assistant) and string content, got {json.dumps(m)[:80]}")
-    if messages[-1]["role"] != "assistant":
+    if final_assistant and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: chat row has no final assistant turn to learn from; end each conversation with an assistant message")
     return messages
 
@@ -76,7 +83,7 @@ def check_messages(messages, where: str) -> list[dict]:
 def _rows_with_lines(path: Path, required: tuple[str, ...], what: str):
     """Yield (file:line, row) so later checks can name the line."""
     rows = read_jsonl(path, required=required, what=what)
-    lines = [i for i, l in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if l.strip()]
+    lines = [i for i, l in enumerate(read_text(path).splitlines(), 1) if l.strip()]
     return [(f"{path}:{ln}", r) for ln, r in zip(lines, rows)]
 
 
@@ -94,11 +101,47 @@ def load_chat(sources: list[str]) -> list[list[dict]]:
 def load_qa(sources: list[str]) -> list[list[dict]]:
     convs = []
     for f in _expand(sources, (".jsonl",), "qa"):
-        rows = _hf_rows(f) if isinstance(f, str) else [r for _, r in _rows_with_lines(f, ("question", "answer"), "QA rows")]
-        for r in rows:
-            answer = r["answer"][0] if isinstance(r["answer"], list) else r["answer"]
-            convs.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": str(answer)}])
+        rows = [(f, r) for r in _hf_rows(f)] if isinstance(f, str) else _rows_with_lines(f, ("question", "answer"), "QA rows")
+        for where, r in rows:
+            convs.append([{"role": "user", "content": qa_text(r["question"], "question", where)},
+                          {"role": "assistant", "content": qa_answer(r["answer"], where)}])
     return convs
+
+
+def qa_text(value, field: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: `{field}` must be a non-empty string, got {json.dumps(value)[:40]}; fix or remove the line")
+    return value
+
+
+def qa_answer(answer, where: str) -> str:
+    """The answer to train on: a non-empty string, or the first of a non-empty list of them (others are aliases)."""
+    if isinstance(answer, list):
+        if not answer or not all(isinstance(a, str) and a.strip() for a in answer):
+            raise DataError(f"{where}: `answer` must be a non-empty string or a non-empty list of them, got "
+                            f"{json.dumps(answer)[:40]}; fix or remove the line")
+        return answer[0]
+    return qa_text(answer, "answer", where)
+
+
+PROMPT_KEYS = ("prompt", "messages", "question")
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """A prompt file (IFEval rows, chat rows or QA rows) as message lists; a row that is none of these is an error
+    naming its line (rather than a row silently dropped)."""
+    rows = []
+    for where, r in _rows_with_lines(Path(path), (), "prompts"):
+        if not any(k in r for k in PROMPT_KEYS):
+            raise DataError(f"{where}: a prompt row needs one of `prompt`, `messages` or `question` (got keys "
+                            f"{sorted(r)[:5]}); convert the file to one of those schemas")
+        if "messages" in r:
+            check_messages(r["messages"][:-1] if r["messages"] and r["messages"][-1].get("role") == "assistant"
+                           else r["messages"], where, final_assistant=False)
+        elif not isinstance(r.get("prompt", r.get("question")), str) or not r.get("prompt", r.get("question")).strip():
+            raise DataError(f"{where}: the prompt must be a non-empty string; fix or remove the line")
+        rows.append(r)
+    return prompts_from_rows(rows)
 
 
 def prompts_from_rows(rows: list[dict]) -> list[list[dict]]:
@@ -130,10 +173,15 @@ def tokenize_documents(texts: list[str], tokenizer, max_seq_len: int) -> list[di
     return [{"input_ids": c, "labels": list(c)} for c in chunks if len(c) > 1]
 
 
-def tokenize_chat(convs: list[list[dict]], tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None) -> list[dict]:
-    """Render with the chat template; labels only on the final assistant turn (prompt tokens get -100)."""
+def tokenize_chat(convs: list[list[dict]], tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None,
+                  source: str = "chat") -> list[dict]:
+    """Render with the chat template; labels only on the final assistant turn (prompt tokens get -100).
+
+    Conversations longer than `max_seq_len` tokens are cut there, with one warning per source giving the count
+    (those with no answer token left are dropped)."""
     kw = chat_template_kwargs or {}
     out = []
+    cut = dropped = 0
     for messages in convs:
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False, **kw)
         full = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
@@ -144,8 +192,15 @@ def tokenize_chat(convs: list[list[dict]], tokenizer, max_seq_len: int, chat_tem
         c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         ids = (p_ids + c_ids)[:max_seq_len]
         labels = ([-100] * len(p_ids) + c_ids)[:max_seq_len]
+        cut += len(p_ids) + len(c_ids) > max_seq_len
         if any(l != -100 for l in labels):
             out.append({"input_ids": ids, "labels": labels})
+        else:
+            dropped += 1
+    if cut:
+        log.warning("%s: %d of %d conversations are longer than max_seq_len=%d tokens and were cut (%d of them lost "
+                    "their whole answer and were dropped); raise max_seq_len to keep them", source, cut, len(convs),
+                    max_seq_len, dropped)
     return out
 
 
@@ -195,9 +250,11 @@ def build_pools(data_cfg, tokenizer, max_seq_len: int, chat_template_kwargs: dic
     if w.get("documents", 0) > 0:
         pools["documents"] = tokenize_documents(load_documents(data_cfg.documents), tokenizer, max_seq_len)
     if w.get("chat", 0) > 0:
-        pools["chat"] = tokenize_chat(load_chat(data_cfg.chat), tokenizer, max_seq_len, chat_template_kwargs)
+        pools["chat"] = tokenize_chat(load_chat(data_cfg.chat), tokenizer, max_seq_len, chat_template_kwargs,
+                                      source=f"chat {', '.join(data_cfg.chat)}")
     if w.get("qa", 0) > 0:
-        pools["qa"] = tokenize_chat(load_qa(data_cfg.qa), tokenizer, max_seq_len, chat_template_kwargs)
+        pools["qa"] = tokenize_chat(load_qa(data_cfg.qa), tokenizer, max_seq_len, chat_template_kwargs,
+                                    source=f"qa {', '.join(data_cfg.qa)}")
     return pools
 
 

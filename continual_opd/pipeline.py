@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -74,15 +75,34 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             raise RunDirError(f"{run_dir}: the recipe differs from the run's recipe.resolved.yaml; resume with the "
                               "same recipe and overrides, or start a new output_dir")
         return run_dir
+    check_output_dir(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir}: run directory exists and is not empty; pick a new output_dir=... "
                           "or continue it with --resume (nothing was changed)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{run_dir}: cannot create the run directory ({e.strerror}); pick another output_dir=...") from None
     atomic_write_text(run_dir / "recipe.resolved.yaml", resolved)
     # From here on the directory is a run: if anything fails before a stage completes, `--resume` restarts it
     # from the beginning in place (the state below says no stage is done).
     atomic_write_json(run_dir / STATE_FILE, {"completed": [], "global_step": 0})
     return run_dir
+
+
+def check_output_dir(path: Path) -> None:
+    """An output directory that is a file, lies under a file, or sits in a folder we cannot write to is an
+    error now, not after hours of training."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path}: output_dir is a file; pick a directory path for output_dir=...")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"{path}: output_dir lies under the file {parent}; pick a directory path for output_dir=...")
+    if not os.access(parent, os.W_OK | os.X_OK) or str(parent).startswith(("/proc", "/sys")):
+        raise RunDirError(f"{path}: cannot create the run directory ({parent} is not writable); pick another output_dir=...")
 
 
 def _stage_dir(run_dir: Path, i: int, name: str) -> Path:
@@ -178,11 +198,11 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
 
 def preflight(recipe: Recipe) -> None:
     """Check every data source and suite a recipe names, so bad input fails before any model work."""
-    from continual_opd.data import check_sources
+    from continual_opd.data import check_sources, read_prompts
     from continual_opd.evals import load_suite
-    from continual_opd.io import read_jsonl
 
     base = Path(recipe.source).parent if recipe.source else None
+    check_output_dir(Path(recipe.output_dir))
     models.check_source(recipe.model)  # a missing model file or package fails here, not after the baseline eval
     for stage in recipe.stages:
         for ref in stage.suites or recipe.evals.suites:
@@ -191,11 +211,11 @@ def preflight(recipe: Recipe) -> None:
             check_sources(stage.data)
         if isinstance(stage, OPDStage):
             for p in stage.prompts + stage.doc_prompts:
-                read_jsonl(p, what="prompts")
+                read_prompts(p)
             if stage.replay.batch_size > 0:
                 check_sources(stage.replay.data)
     if recipe.evals.kl_prompts:
-        read_jsonl(recipe.evals.kl_prompts, what="prompts")
+        read_prompts(recipe.evals.kl_prompts)
 
 
 def _make_kl_monitor(recipe: Recipe, tokenizer, model):

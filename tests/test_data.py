@@ -66,3 +66,17 @@ def test_source_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "blank.md").write_text("  \n")
     with pytest.raises(DataError, match="blank.md: document is empty"):
         load_documents([str(tmp_path / "blank.md")])
+
+
+def test_long_conversations_are_cut_with_one_warning_per_source(tiny_lm, caplog):
+    from continual_opd.data import tokenize_chat
+
+    _, tok = tiny_lm
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answer " * 50}]] * 3
+    convs += [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]]
+    with caplog.at_level("WARNING"):
+        out = tokenize_chat(convs, tok, 16, source="chat big.jsonl")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("chat big.jsonl: 3 of 4 conversations are longer than "
+                                                          "max_seq_len=16 tokens and were cut")
+    assert len(out) == 4 and all(len(e["input_ids"]) <= 16 for e in out)

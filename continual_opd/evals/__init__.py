@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from continual_opd.errors import ConfigError
+from continual_opd.io import read_text
 
 from continual_opd.resources import SUITES_DIR  # eval_suites/ of the checkout or the wheel
 
@@ -121,7 +122,7 @@ def load_suite(ref: str | Path, base_dir: Path | None = None, *, check_files: bo
     """
     path = resolve_suite_path(ref, base_dir)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path, "suite file"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

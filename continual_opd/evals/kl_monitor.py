@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from continual_opd.data import prompts_from_rows
+from continual_opd.data import read_prompts
 from continual_opd.generation import generate, render_prompts
-from continual_opd.io import read_jsonl
 
 
 class KLMonitor:
@@ -23,7 +22,7 @@ class KLMonitor:
 
     @classmethod
     def from_file(cls, path, tokenizer, model, *, n: int, max_new_tokens: int, chat_template_kwargs=None):
-        prompts = prompts_from_rows(read_jsonl(path))[:n]
+        prompts = read_prompts(path)[:n]
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts),
                              chat_template_kwargs=chat_template_kwargs)
         texts = render_prompts(tokenizer, prompts, chat_template_kwargs)

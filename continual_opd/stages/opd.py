@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage
-from continual_opd.data import build_mixture, build_pools, prompts_from_rows
+from continual_opd.data import build_mixture, build_pools, read_prompts
 from continual_opd.errors import TrainingError
 from continual_opd.generation import Rollouts, sample_rollouts
-from continual_opd.io import read_jsonl
 from continual_opd.stages import EvalCadence, StageContext, StageResult, losses
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def load_prompts(stage: OPDStage) -> tuple[list, list]:
-    chat = [p for f in stage.prompts for p in prompts_from_rows(read_jsonl(f, what="prompts"))]
-    docs = [p for f in stage.doc_prompts for p in prompts_from_rows(read_jsonl(f, what="prompts"))]
+    chat = [p for f in stage.prompts for p in read_prompts(f)]
+    docs = [p for f in stage.doc_prompts for p in read_prompts(f)]
     return chat, docs
 
 

