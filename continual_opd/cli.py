@@ -16,6 +16,7 @@ log = logging.getLogger("continual_opd")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="continual-opd", description="Fine-tune on your documents, keep general skills.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks (for reporting bugs)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("recipe", help="run a recipe (eval → sft → opd → eval ...)")
@@ -75,12 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ContinualOPDError as e:
+        if args.debug:
+            raise
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # not bad input: a bug (or the machine); one line, the traceback behind --debug
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and "
+              "report it", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:

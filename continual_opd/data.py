@@ -47,7 +47,12 @@ def _hf_rows(src: str) -> list[dict]:
     from datasets import load_dataset
 
     name, _, split = src.removeprefix("hf:").partition(":")
-    return list(load_dataset(name, split=split or "train"))
+    try:
+        return list(load_dataset(name, split=split or "train"))
+    except Exception as e:  # offline, unknown dataset or split: the source is the user's to fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{src}: cannot load the dataset ({type(e).__name__}: {first}); check the name and split, or "
+                        "download it first and point the recipe at local .jsonl files") from None
 
 
 def load_documents(sources: list[str]) -> list[str]:

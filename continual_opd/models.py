@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,8 +76,26 @@ def check_source(cfg: ModelConfig) -> None:
         return
     if cfg.name.startswith(gguf.PACKAGE_PREFIX):
         gguf.package_dir(cfg.name)
-    elif cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).expanduser().exists():
-        raise ModelError(f"model.name {cfg.name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")
+        return
+    check_model_ref(cfg.name, "model.name", revision=cfg.revision)
+
+
+def check_model_ref(name: str, field: str, revision: str | None = None) -> None:
+    """A local directory must hold a model (config.json); a hub id must be cached when the hub is offline."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"{field} {name!r}: the directory holds no config.json, so it is not a model; point it at "
+                             "a model directory (config.json, weights, tokenizer)")
+        return
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{field} {name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            raise ModelError(f"{field} {name!r}: not in the local hub cache and HF_HUB_OFFLINE is set; download it on a "
+                             "connected machine first, or point it at a local directory")
 
 
 def load_tokenizer(name: str, cfg: ModelConfig):

@@ -19,7 +19,7 @@ import yaml
 
 from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
-from continual_opd.errors import RunDirError
+from continual_opd.errors import ConfigError, RunDirError
 from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
 from continual_opd.stages import StageContext
@@ -204,6 +204,18 @@ def preflight(recipe: Recipe) -> None:
     base = Path(recipe.source).parent if recipe.source else None
     check_output_dir(Path(recipe.output_dir))
     models.check_source(recipe.model)  # a missing model file or package fails here, not after the baseline eval
+    snapshots = ["base"]
+    for i, stage in enumerate(recipe.stages):
+        snapshots.append(f"before-{stage.name}")
+        if isinstance(stage, OPDStage):  # a teacher must exist at this point of the stage order
+            if stage.teacher.startswith("snapshot:"):
+                name = stage.teacher.removeprefix("snapshot:")
+                if name not in snapshots:
+                    raise ConfigError(f"{recipe.source}: stages.{i}.teacher: no snapshot named {name!r}; available "
+                                      f"here: {', '.join('snapshot:' + k for k in snapshots)}")
+            else:
+                models.check_model_ref(stage.teacher, f"stages.{i}.teacher")
+        snapshots.append(f"after-{stage.name}")
     for stage in recipe.stages:
         for ref in stage.suites or recipe.evals.suites:
             load_suite(ref, base)

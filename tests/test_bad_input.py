@@ -105,6 +105,20 @@ CASES = [
      "(e.g. `pip install --no-deps no-such-weights-pkg`) or point model.name at a directory"),
     ("model path missing", lambda r: _override(r, "model.name=/no/such/model"),
      "model.name '/no/such/model': no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)"),
+    ("teacher snapshot that never exists", lambda r: _override(r, "stages.2.teacher=snapshot:before-nothing"),
+     "{root}/recipe.yaml: stages.2.teacher: no snapshot named 'before-nothing'; available here: snapshot:base, "
+     "snapshot:before-baseline, snapshot:after-baseline, snapshot:before-sft, snapshot:after-sft, snapshot:before-opd"),
+    ("teacher snapshot of a later stage", lambda r: _override(r, "stages.2.teacher=snapshot:after-opd"),
+     "{root}/recipe.yaml: stages.2.teacher: no snapshot named 'after-opd'; available here: snapshot:base, "
+     "snapshot:before-baseline, snapshot:after-baseline, snapshot:before-sft, snapshot:after-sft, snapshot:before-opd"),
+    ("teacher path missing", lambda r: _override(r, "stages.2.teacher=/no/such/teacher"),
+     "stages.2.teacher '/no/such/teacher': no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)"),
+    ("model dir that is not a model", lambda r: _override(r, f"model.name={r / 'docs'}"),
+     "model.name '{root}/docs': the directory holds no config.json, so it is not a model; point it at a model "
+     "directory (config.json, weights, tokenizer)"),
+    ("hub id not cached while offline", lambda r: _override(r, "model.name=example-org/not-a-cached-model"),
+     "model.name 'example-org/not-a-cached-model': not in the local hub cache and HF_HUB_OFFLINE is set; download it "
+     "on a connected machine first, or point it at a local directory"),
     ("beta with the sampled loss", lambda r: _override(r, "stages.2.beta=0.3"),
      "{root}/recipe.yaml: stages.2: `beta` only applies to loss: jsd (this stage uses loss: sampled); remove it or "
      "set loss: jsd"),
@@ -168,3 +182,25 @@ def test_out_that_is_a_file(tmp_path, capsys, command):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {target}: output_dir is a file; pick a directory path for output_dir=..."]
     assert target.read_text() == "keep me"
+
+
+def test_offline_hf_dataset_source(tmp_path, capsys):
+    recipe = _world(tmp_path)
+    for command in ("validate", "recipe"):
+        assert main([command, str(recipe), "stages.1.data.documents=[hf:example-org/no-such-dataset]"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: hf:example-org/no-such-dataset: cannot load the dataset (")
+        assert err[0].endswith("check the name and split, or download it first and point the recipe at local .jsonl files")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import continual_opd.pipeline as pipeline
+
+    recipe = _world(tmp_path)
+    monkeypatch.setattr(pipeline, "preflight", lambda r: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert main(["validate", str(recipe)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: internal error (RuntimeError: boom); rerun with --debug for the traceback and report it")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "validate", str(recipe)])
