@@ -334,8 +334,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if not isinstance(data, dict):
             break
         apply_override(data, keys, value, source=str(path))
-    recipe = validate_recipe_dict(data, str(path))
+    try:
+        recipe = validate_recipe_dict(data, str(path))
+    except ConfigError as e:
+        raise ConfigError(_blame_overrides(str(e), str(path), overrides or [])) from None
     return resolve_paths(recipe, path.parent)
+
+
+def _blame_overrides(message: str, source: str, overrides: list[str]) -> str:
+    """A problem with a value that came from the command line names that override, not the file."""
+    keys = {item.split("=", 1)[0]: item for item in overrides if "=" in item}
+    lines = []
+    for line in message.splitlines():
+        where = line.removeprefix(f"{source}: ").split(":", 1)[0].removesuffix(".kind")
+        hit = next((item for key, item in keys.items() if where == key or where.startswith(key + ".")), None)
+        lines.append(line.replace(f"{source}: ", f"{source}: command-line override {hit!r}: ", 1) if hit else line)
+    return "\n".join(lines)
 
 
 def _resolve(p: str, base: Path) -> str:

@@ -216,9 +216,13 @@ def preflight(recipe: Recipe) -> None:
             else:
                 models.check_model_ref(stage.teacher, f"stages.{i}.teacher")
         snapshots.append(f"after-{stage.name}")
-    for stage in recipe.stages:
+    for i, stage in enumerate(recipe.stages):
+        field = f"stages.{i}.suites" if stage.suites else "evals.suites"
         for ref in stage.suites or recipe.evals.suites:
-            load_suite(ref, base)
+            try:
+                load_suite(ref, base)
+            except ConfigError as e:  # say which recipe field named the suite
+                raise ConfigError(f"{recipe.source}: {field}: {e}") from None
         if isinstance(stage, SFTStage):
             check_sources(stage.data)
         if isinstance(stage, OPDStage):

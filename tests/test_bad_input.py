@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from continual_opd.cli import main
+from continual_opd.resources import SUITES_DIR as SUITES
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 GOOD_IF = {"key": 1, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
@@ -119,6 +120,14 @@ CASES = [
     ("hub id not cached while offline", lambda r: _override(r, "model.name=example-org/not-a-cached-model"),
      "model.name 'example-org/not-a-cached-model': not in the local hub cache and HF_HUB_OFFLINE is set; download it "
      "on a connected machine first, or point it at a local directory"),
+    ("bad value from a command-line override", lambda r: _override(r, "stages.1.lr=-1"),
+     "{root}/recipe.yaml: command-line override 'stages.1.lr=-1': stages.1.lr: Input should be greater than 0 (got -1)"),
+    ("unknown suite", lambda r: _override(r, "evals.suites=[ifevl]"),
+     "{root}/recipe.yaml: evals.suites: suite 'ifevl' not found (looked in {root}, " + str(SUITES) + "); did you "
+     "mean 'ifeval'?"),
+    ("unknown stage suite lists only suites", lambda r: _override(r, "stages.0.suites=[zzz]"),
+     "{root}/recipe.yaml: stages.0.suites: suite 'zzz' not found (looked in {root}, " + str(SUITES) + "); known "
+     "suites: " + ", ".join(sorted(p.stem for p in SUITES.glob("*.yaml")))),
     ("beta with the sampled loss", lambda r: _override(r, "stages.2.beta=0.3"),
      "{root}/recipe.yaml: stages.2: `beta` only applies to loss: jsd (this stage uses loss: sampled); remove it or "
      "set loss: jsd"),

@@ -108,10 +108,20 @@ def resolve_suite_path(ref: str | Path, base_dir: Path | None = None) -> Path:
     for cand in candidates:
         if cand.is_file():
             return cand
-    known = sorted({p.stem for d in {c.parent for c in candidates} if d.is_dir() for p in d.glob("*.yaml")})
+    known = sorted({p.stem for d in {c.parent for c in candidates} if d.is_dir() for p in d.glob("*.yaml")
+                    if _looks_like_suite(p)})
     hint = difflib.get_close_matches(ref_s, known, n=1)
     fix = f"did you mean '{hint[0]}'?" if hint else f"known suites: {', '.join(known) or '(none)'}"
     raise ConfigError(f"suite '{ref_s}' not found (looked in {', '.join(str(c.parent) for c in candidates)}); {fix}")
+
+
+def _looks_like_suite(path: Path) -> bool:
+    """A YAML file whose top level names a suite kind (so a recipe next to a suite is not listed as one)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") in ("ifeval", "domain_qa", "lm_eval_task")
 
 
 def load_suite(ref: str | Path, base_dir: Path | None = None, *, check_files: bool = True) -> SuiteSpec:
