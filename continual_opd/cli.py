@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from continual_opd.config import load_recipe
 
+    if getattr(args, "no_progress", False):  # also transformers' own bars (loading weights, GGUF conversion)
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
     if args.command == "validate":
         from continual_opd.pipeline import preflight
 

@@ -97,5 +97,9 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     )
     callback = StageCallback(stage, ctx, samples_per_step)
     trainer = SFTTrainer(model=ctx.model, args=args, train_dataset=train, processing_class=tok, callbacks=[callback])
+    # With the bar off, HF Trainer prints every log dict to stdout; those numbers are in metrics.jsonl already.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     return callback.cadence.final(trainer.model)
