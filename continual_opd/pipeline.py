@@ -19,7 +19,7 @@ import yaml
 
 from continual_opd import checkpoints, models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
-from continual_opd.errors import ConfigError, RunDirError
+from continual_opd.errors import ConfigError, ModelError, RunDirError
 from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
 from continual_opd.stages import StageContext
@@ -215,6 +215,7 @@ def preflight(recipe: Recipe) -> None:
                                       f"here: {', '.join('snapshot:' + k for k in snapshots)}")
             else:
                 models.check_model_ref(stage.teacher, f"stages.{i}.teacher")
+                _check_teacher_tokenizer(recipe, stage.teacher, i)
         snapshots.append(f"after-{stage.name}")
     for i, stage in enumerate(recipe.stages):
         field = f"stages.{i}.suites" if stage.suites else "evals.suites"
@@ -232,6 +233,20 @@ def preflight(recipe: Recipe) -> None:
                 check_sources(stage.replay.data)
     if recipe.evals.kl_prompts:
         read_prompts(recipe.evals.kl_prompts)
+
+
+def _check_teacher_tokenizer(recipe: Recipe, teacher: str, i: int) -> None:
+    """Teacher and student must tokenize and template alike; checked up front when both are local directories
+    (tokenizers only, no weights). A demo, GGUF or hub student is checked when the OPD stage starts."""
+    student = recipe.model.name
+    if not (Path(student).is_dir() and Path(teacher).is_dir()) or recipe.model.gguf_file:
+        return
+    s_tok = models.load_tokenizer(student, recipe.model)
+    t_tok = models.load_tokenizer(teacher, recipe.model)
+    try:
+        models.check_same_tokenization(s_tok, t_tok, recipe.model.chat_template_kwargs, student=student, teacher=teacher)
+    except ModelError as e:
+        raise ConfigError(f"{recipe.source}: stages.{i}.teacher: {e}") from None
 
 
 def _make_kl_monitor(recipe: Recipe, tokenizer, model):

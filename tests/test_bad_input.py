@@ -213,3 +213,24 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, 
         "error: internal error (RuntimeError: boom); rerun with --debug for the traceback and report it")
     with pytest.raises(RuntimeError, match="boom"):
         main(["--debug", "validate", str(recipe)])
+
+
+def test_teacher_with_another_tokenizer_fails_in_validate(tmp_path, capsys):
+    """Student and teacher directories whose vocabularies differ: validate says so, before any weights load."""
+    from conftest import build_tiny_lm
+
+    recipe = _world(tmp_path)
+    for name, vocab_extra in (("student", None), ("teacher", "<|extra|>")):
+        model, tok = build_tiny_lm()
+        if vocab_extra:
+            tok.add_special_tokens({"additional_special_tokens": [vocab_extra]})
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    argv = [str(recipe), f"model.name={tmp_path / 'student'}", f"stages.2.teacher={tmp_path / 'teacher'}"]
+    capsys.readouterr()  # the save bars above
+    for command in ("validate", "recipe"):
+        assert main([command, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.2.teacher: teacher '{tmp_path / 'teacher'}' "
+                                                   f"and student '{tmp_path / 'student'}' have different vocabularies")
+    assert not (tmp_path / "run").exists()
