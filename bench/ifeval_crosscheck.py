@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "bench/results/ifeval-crosscheck"))
+    p.add_argument("--ours-records", help="reuse our suite's per-prompt records (<suite>.jsonl) from an earlier run "
+                   "with the same model, dtype and max tokens (e.g. the full set) instead of generating again")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("lm_eval", "lm-eval", "datasets", "httpx"):
@@ -98,9 +100,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    ours = run_suite(suite, model, tok, out, seed=args.seed)
+    if args.ours_records:  # e.g. the 541-prompt run's records, compared on this suite's subset
+        from continual_opd.evals.ifeval import score_ifeval
+
+        earlier = {r["key"]: r for r in read_jsonl(args.ours_records)}
+        ours, _ = score_ifeval(rows, [earlier[r["key"]]["response"] for r in rows])  # re-scored: same checkers
+        our_rows = {r["key"]: earlier[r["key"]] for r in rows}
+    else:
+        ours = run_suite(suite, model, tok, out, seed=args.seed)
+        our_rows = {r["key"]: r for r in read_jsonl(out / f"{suite.name}.jsonl")}
     t_ours = time.perf_counter() - t0
-    our_rows = {r["key"]: r for r in read_jsonl(out / f"{suite.name}.jsonl")}
     t0 = time.perf_counter()
     theirs, their_rows = lm_eval_ifeval(model, tok, Path(suite.data), rows, suite.max_new_tokens, args.batch_size, args.seed)
     t_theirs = time.perf_counter() - t0
@@ -116,6 +125,7 @@ def main(argv=None) -> int:
                      for k in keys if our_rows[k]["strict"] != their_rows[k]["strict"]]
     result = {
         "model": args.model, "gguf_file": args.gguf_file, "dtype": args.dtype, "suite": suite.name,
+        "ours_records": args.ours_records,
         "n_prompts": len(keys), "max_new_tokens": suite.max_new_tokens, "batch_size": args.batch_size,
         "ours": {m: ours[m] for m in METRICS}, "lm_eval": theirs,
         "delta": {m: ours[m] - theirs[m] for m in METRICS},

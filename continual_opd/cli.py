@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--attn-implementation", help="e.g. sdpa, flash_attention_2")
     e.add_argument("--limit", type=int, help="evaluate only the first N rows of each suite (quick checks)")
     e.add_argument("--batch-size", type=int, help="override each suite's generation batch size")
+    e.add_argument("--max-new-tokens", type=int, help="override each suite's answer length cap")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--suite", action="append", required=True, help="suite name in eval_suites/ or a YAML path (repeatable)")
     e.add_argument("--out", help="directory for results.json and per-suite generations")
@@ -155,7 +156,7 @@ def _eval(args) -> int:
     if out:
         _check_out(out)
     suites = [load_suite(s, Path.cwd()) for s in args.suite]  # fail on a bad suite before loading a model
-    for opt in ("limit", "batch_size"):
+    for opt in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, opt)
         if value is not None:
             if value < 1:
