@@ -95,4 +95,6 @@ def test_auto_micro_batch_size(n, L, V, budget, want):
 
 def test_micro_batch_default_is_auto_and_bounded():
     stage = _stage()
-    assert stage.micro_batch_size is None and stage.logits_budget_mb == 1024
+    assert stage.micro_batch_size is None and stage.logits_budget_mb == 256
+    # SmolLM2 at 128 new tokens: 129 x 49152 x 4 B = 24.2 MiB a rollout -> 10 per micro-batch of 16
+    assert auto_micro_batch_size(16, 128, 49152, stage.logits_budget_mb) == 10

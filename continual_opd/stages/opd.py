@@ -61,10 +61,11 @@ def sample(model, tokenizer, prompts: list, stage: OPDStage, chat_template_kwarg
 
 def auto_micro_batch_size(n_rollouts: int, L: int, vocab_size: int, budget_mb: float) -> int:
     """Rollouts per forward/backward such that one (micro-batch, L + 1, V) float32 logits tensor stays within
-    `budget_mb` MiB (at least 1 rollout). The full-vocabulary losses hold a few such tensors (student and teacher
-    logits, their log-softmaxes and gradients), so peak memory is a small multiple of the budget.
+    `budget_mb` MiB (at least 1 rollout). The full-vocabulary losses hold many such tensors at once (student and
+    teacher logits, log-softmaxes, probabilities, gradients): about 25x at peak, measured (BENCHMARKS.md).
 
-    E.g. Qwen3 (V = 151,936) with 1024-token answers: one rollout is 594 MiB, so the 1024 MiB default gives 1."""
+    E.g. Qwen3 (V = 151,936) with 1024-token answers: one rollout is 594 MiB, so the 256 MiB default gives 1;
+    SmolLM2 (V = 49,152) with 128-token answers: 24 MiB a rollout, 10 per micro-batch."""
     per_rollout_mb = (L + 1) * vocab_size * 4 / 2**20
     return max(1, min(n_rollouts, int(budget_mb // per_rollout_mb)))
 
