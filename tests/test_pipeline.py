@@ -57,6 +57,31 @@ def world(tmp_path_factory):
     return root
 
 
+def _reference_run(world) -> Path:
+    """The uninterrupted run of the world's recipe (made once per module)."""
+    ref_dir = world / "runs" / "default"
+    if not (ref_dir / "summary.json").exists():
+        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    return ref_dir
+
+
+def _run_until_killed(world, out: Path, monkeypatch, when) -> None:
+    """Run the recipe into `out` and simulate a kill at the first metrics row where when(sink, step, suite)."""
+    from continual_opd import tracking
+
+    original = tracking.MetricsSink.log
+
+    def crashing_log(self, step, suite, values, **kw):
+        if when(self, step, suite):
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, suite, values, **kw)
+
+    monkeypatch.setattr(tracking.MetricsSink, "log", crashing_log)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
+    monkeypatch.setattr(tracking.MetricsSink, "log", original)
+
+
 def rows_of(run: Path):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -94,23 +119,10 @@ def test_existing_run_dir_is_never_overwritten(world, tmp_path):
 
 @pytest.mark.parametrize("crash_stage,crash_step", [("sft", 3), ("opd", 2)])
 def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_stage, crash_step):
-    from continual_opd import tracking
-
-    ref_dir = world / "runs" / "default"
-    if not (ref_dir / "summary.json").exists():
-        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    ref_dir = _reference_run(world)
     out = tmp_path / "run"
-    original = tracking.MetricsSink.log
-
-    def crashing_log(self, step, suite, values, **kw):
-        if self.stage == crash_stage and step == crash_step and suite in ("train", "opd"):
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, suite, values, **kw)
-
-    monkeypatch.setattr(tracking.MetricsSink, "log", crashing_log)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
-    monkeypatch.setattr(tracking.MetricsSink, "log", original)
+    _run_until_killed(world, out, monkeypatch,
+                      lambda sink, step, suite: sink.stage == crash_stage and step == crash_step and suite in ("train", "opd"))
     run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), resume=True, progress=False)
     got = json.loads((out / "summary.json").read_text())
     want = json.loads((ref_dir / "summary.json").read_text())
@@ -210,9 +222,7 @@ def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
 
     from continual_opd import checkpoints
 
-    run = world / "runs" / "default"
-    if not (run / "summary.json").exists():
-        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    run = _reference_run(world)
     state = json.loads((run / "run_state.json").read_text())
     for stage_dir, kind, steps in [(run / "stages/01-sft", "sft", [2, 4]), (run / "stages/03-opd", "opd", [1, 2, 3])]:
         ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=checkpoints.step_of)
@@ -235,23 +245,10 @@ def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
 
 
 def test_run_that_fails_before_its_first_stage_completes_resumes_from_the_beginning(world, tmp_path, monkeypatch, capsys):
-    from continual_opd import tracking
-
-    ref_dir = world / "runs" / "default"
-    if not (ref_dir / "summary.json").exists():
-        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+    ref_dir = _reference_run(world)
     out = tmp_path / "run"
-    original = tracking.MetricsSink.log
-
-    def crash_in_baseline(self, step, suite, values, **kw):
-        if self.stage == "baseline" and suite == "domain_qa":  # after the baseline's ifeval rows were written
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, suite, values, **kw)
-
-    monkeypatch.setattr(tracking.MetricsSink, "log", crash_in_baseline)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
-    monkeypatch.setattr(tracking.MetricsSink, "log", original)
+    # killed after the baseline's ifeval rows were written, before its domain_qa rows
+    _run_until_killed(world, out, monkeypatch, lambda sink, step, suite: sink.stage == "baseline" and suite == "domain_qa")
     # starting it again is refused with the way forward; nothing is touched
     assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}"]) == 2
     assert "continue it with --resume" in capsys.readouterr().err
