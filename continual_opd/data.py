@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from continual_opd.errors import DataError
-from continual_opd.io import read_jsonl, read_text
+from continual_opd.io import read_jsonl_lines, read_text
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def check_messages(messages, where: str, final_assistant: bool = True) -> list[d
 
 def _rows_with_lines(path: Path, required: tuple[str, ...], what: str):
     """Yield (file:line, row) so later checks can name the line."""
-    rows = read_jsonl(path, required=required, what=what)
-    lines = [i for i, l in enumerate(read_text(path).splitlines(), 1) if l.strip()]
-    return [(f"{path}:{ln}", r) for ln, r in zip(lines, rows)]
+    return [(f"{path}:{ln}", r) for ln, r in read_jsonl_lines(path, required=required, what=what)]
 
 
 def load_chat(sources: list[str]) -> list[list[dict]]:

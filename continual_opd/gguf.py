@@ -6,7 +6,7 @@ snapshot, adapter and resume in this toolkit needs a directory it can reload. So
 model, copy its (already dequantized) state dict into a plain model built from the same config, and save that,
 with the tokenizer and generation config, to
 
-    $CONTINUAL_OPD_CACHE/gguf-<file stem>-<sha256[:16]>/        (+ source.json: file, hash, versions)
+    $CONTINUAL_OPD_CACHE/gguf-<file stem>-<sha256[:16]>-v<CONVERSION_VERSION>/   (+ source.json: file, hash, versions)
 
 From then on the recipe's model is that directory. The conversion writes to a temporary directory renamed into
 place, so an interrupted conversion never leaves a half-written model.

@@ -34,7 +34,13 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 
 def read_jsonl(path: str | Path, *, required: Iterable[str] = (), what: str = "rows") -> list[dict]:
-    """Read a JSONL file; every problem is a one-line `DataError` naming `file:line` and the fix.
+    """Read a JSONL file (see `read_jsonl_lines`); the rows only."""
+    return [row for _, row in read_jsonl_lines(path, required=required, what=what)]
+
+
+def read_jsonl_lines(path: str | Path, *, required: Iterable[str] = (), what: str = "rows") -> list[tuple[int, dict]]:
+    """Read a JSONL file as (line number, row) pairs; every problem is a one-line `DataError` naming `file:line`
+    and the fix.
 
     Blank lines are skipped. Each non-blank line must be a JSON object holding the `required` keys.
     An empty file is an error (a silently empty dataset is never what the user meant).
@@ -44,7 +50,7 @@ def read_jsonl(path: str | Path, *, required: Iterable[str] = (), what: str = "r
         raise DataError(f"{path}: file not found; check the path (relative paths resolve against the file that names them)")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .jsonl file")
-    rows: list[dict] = []
+    rows: list[tuple[int, dict]] = []
     for lineno, line in enumerate(read_text(path, ".jsonl file").splitlines(), start=1):
         if not line.strip():
             continue
@@ -57,7 +63,7 @@ def read_jsonl(path: str | Path, *, required: Iterable[str] = (), what: str = "r
         missing = [k for k in required if k not in row]
         if missing:
             raise DataError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {sorted(required)}")
-        rows.append(row)
+        rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: no {what} found (file is empty); add at least one JSON line")
     return rows
