@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("path", help="recipe YAML, e.g. recipes/personalize.yaml")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stages.1.lr=1e-4 output_dir=/tmp/x")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in its output_dir")
+    r.add_argument("--from-run", metavar="RUN_DIR", help="reuse the completed leading stages this recipe shares with "
+                   "an earlier run (e.g. sweep the OPD stage from one SFT checkpoint)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     v = sub.add_parser("validate", help="check a recipe without running it")
@@ -51,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write <run>/report/ (plots, report.md, report.html)")
     rep.add_argument("run_dir")
+    for sp in (rep, c := sub.add_parser("compare", help="compare several runs side by side")):
+        sp.add_argument("--domain-key", help="headline domain-QA metric, suite/metric (default: the recipe's headline)")
+        sp.add_argument("--if-key", help="headline IF-eval metric, suite/metric (default: the recipe's headline)")
 
-    c = sub.add_parser("compare", help="compare several runs side by side")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", required=True, help="output directory for the comparison report")
 
@@ -74,13 +79,19 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "lm-eval", "evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from continual_opd import distributed
+
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+    if rank:  # one voice: the other ranks of a multi-process run log warnings only
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except ContinualOPDError as e:
         if args.debug:
             raise
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        if not rank:  # every rank raises the same error (distributed.on_main); rank 0 prints it
+            for line in str(e).splitlines():
+                print(f"error: {line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: continue with --resume", file=sys.stderr)
@@ -89,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and "
+        if distributed.launched() and _lost_peer(e):
+            print(f"error: rank {rank}: another process of this run stopped (it failed or was killed), so this one "
+                  "stopped too; complete checkpoints are kept: fix the cause and rerun with --resume", file=sys.stderr)
+            return 1
+        print(f"error: {f'rank {rank}: ' if distributed.launched() else ''}internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and "
               "report it", file=sys.stderr)
         return 1
 
@@ -110,30 +125,32 @@ def _dispatch(args) -> int:
         recipe = load_recipe(args.path, args.overrides)
         preflight(recipe)  # data files and suites exist and parse
         kinds = " → ".join(f"{s.name}({s.kind})" for s in recipe.stages)
-        print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}")
+        if _speaks():
+            print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}")
         return 0
     if args.command == "recipe":
         from continual_opd.pipeline import run_recipe
 
         recipe = load_recipe(args.path, args.overrides)
-        run_dir = run_recipe(recipe, resume=args.resume, progress=not args.no_progress)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        _print_summary(summary)
-        print(f"run written to {run_dir}")
+        run_dir = run_recipe(recipe, resume=args.resume, progress=not args.no_progress, from_run=args.from_run)
+        if _speaks():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            _print_summary(summary, (recipe.headline.domain_qa, recipe.headline.if_eval))
+            print(f"run written to {run_dir}")
         return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "report":
         from continual_opd.report import write_report
 
-        print(f"report written to {write_report(Path(args.run_dir))}")
+        print(f"report written to {write_report(Path(args.run_dir), domain_key=args.domain_key, if_key=args.if_key)}")
         return 0
     if args.command == "compare":
         from continual_opd.report import write_comparison
 
         out = Path(args.out)
         _check_out(out)
-        print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out)}")
+        print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out, domain_key=args.domain_key, if_key=args.if_key)}")
         return 0
     if args.command == "build-demo":
         from continual_opd.demo.build import ensure_demo_model
@@ -152,9 +169,11 @@ def _eval(args) -> int:
     from continual_opd.errors import ConfigError
     from pydantic import ValidationError
 
+    from continual_opd import distributed
+
     out = Path(args.out) if args.out else None
     if out:
-        _check_out(out)
+        distributed.on_main(lambda: _check_out(out))
     suites = [load_suite(s, Path.cwd()) for s in args.suite]  # fail on a bad suite before loading a model
     for opt in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, opt)
@@ -171,21 +190,38 @@ def _eval(args) -> int:
     seed_everything(args.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    base = models.resolve_base(cfg, args.cache_dir, progress=progress)
+    # several processes (accelerate launch): rank 0 converts/builds first; prompts are split and gathered
+    base = distributed.on_main(lambda: models.resolve_base(cfg, args.cache_dir, progress=progress))
+    if not distributed.is_main():
+        base = models.resolve_base(cfg, args.cache_dir, progress=False)
     tok = models.load_tokenizer(base, cfg)
     model = models.load_model(models.ModelRef(base), cfg)
     log.info("model %s ready in %.1f s (%s)", args.model, time.perf_counter() - t0, next(model.parameters()).dtype)
     results = {}
     for suite in suites:
-        values = run_suite(suite, model, tok, out, seed=args.seed, chat_template_kwargs=cfg.chat_template_kwargs,
+        values = run_suite(suite, model, tok, out if distributed.is_main() else None, seed=args.seed, chat_template_kwargs=cfg.chat_template_kwargs,
                            progress=progress)
         results.update({f"{suite.name}/{k}": v for k, v in values.items()})
+    if not distributed.is_main():
+        return 0
     if out:
         atomic_write_json(out / "results.json", results)
     for k, v in results.items():
         if not k.split("/", 1)[1].startswith("type/"):
             print(f"{k:45s} {v:.4f}")
     return 0
+
+
+def _speaks() -> bool:
+    """Rank 0 of a multi-process run (or the only process) prints results."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because a peer process went away (gloo / NCCL wording)."""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                                   "distbackenderror", "nccl", "gloo", "timed out"))
 
 
 def _check_out(out: Path) -> None:
@@ -196,11 +232,11 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"{out}: output directory exists and is not empty; choose a new --out")
 
 
-def _print_summary(summary: dict) -> None:
-    keys = ["domain_qa/exact_match", "ifeval/prompt_level_strict_acc"]
-    print(f"{'stage':20s} " + " ".join(f"{k:>32s}" for k in keys))
+def _print_summary(summary: dict, keys: tuple[str, str]) -> None:
+    w = max(len(k) for k in keys) + 2
+    print(f"{'stage':20s} " + " ".join(f"{k:>{w}s}" for k in keys))
     for stage, vals in summary.items():
-        print(f"{stage:20s} " + " ".join(f"{vals.get(k, float('nan')):>32.3f}" for k in keys))
+        print(f"{stage:20s} " + " ".join(f"{vals.get(k, float('nan')):>{w}.3f}" for k in keys))
 
 
 if __name__ == "__main__":

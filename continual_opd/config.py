@@ -54,10 +54,40 @@ class EvalsConfig(Strict):
     kl_max_new_tokens: int = Field(48, gt=0)  # length of the stage-start snapshot's greedy answers it scores
 
 
+class SelfChatConfig(Strict):
+    """Chat data written by a model itself: it answers `prompts`, and the answers join the mix's `chat` share.
+
+    Training on a model's own answers (the "resampled" chat of the on-policy distillation write-up) keeps the chat
+    part of the mix from pulling the model towards another model's style. The answers are generated once, at the
+    start of the SFT stage, into `<stage dir>/self_chat.jsonl` (an ordinary chat JSONL), and reused on resume.
+    """
+
+    prompts: list[str]  # prompt .jsonl files (IFEval schema, {"prompt"}, {"messages"} or {"question"})
+    # Who answers: snapshot:base (the recipe's starting model) or snapshot:before-/after-<stage> of an earlier stage.
+    model: str = "snapshot:base"
+    num_prompts: int | None = Field(None, gt=0)  # the first N prompts of the files, in order (None: all)
+    max_new_tokens: int = Field(256, gt=0)  # answer length cap
+    # 1.0 samples from the model's own distribution: SFT on such samples leaves the model unchanged in expectation
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, gt=0)  # prompts per generate() call
+    # Answers that hit max_new_tokens without an end token are dropped by default (runaway loops, cut sentences).
+    keep_truncated: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.prompts:
+            raise ValueError("`prompts` is empty; list at least one prompts .jsonl for the model to answer")
+        if not self.model.startswith("snapshot:"):
+            raise ValueError(f"model {self.model!r}: use snapshot:base or snapshot:before-/after-<stage>")
+        return self
+
+
 class SFTDataConfig(Strict):
     documents: list[str] = Field(default_factory=list)  # files/dirs of .txt/.md/.jsonl{"text"}, or hf:NAME[:split]
     chat: list[str] = Field(default_factory=list)  # .jsonl with {"messages": [...]}, or hf:NAME[:split]
     qa: list[str] = Field(default_factory=list)  # .jsonl with {"question","answer"} rendered as chat
+    self_chat: SelfChatConfig | None = None  # chat answered by the model itself; counts as `chat` in the mix
     # Share of *training tokens* per source; must sum to 1. Sources with weight 0 may be omitted.
     mix: dict[Literal["documents", "chat", "qa"], float] = Field(default_factory=lambda: {"documents": 1.0})
 
@@ -73,7 +103,7 @@ class SFTDataConfig(Strict):
 
     def check_sources_listed(self) -> None:
         for k, w in self.mix.items():
-            if w > 0 and not getattr(self, k):
+            if w > 0 and not getattr(self, k) and not (k == "chat" and self.self_chat):
                 raise ValueError(f"mix.{k} is {w} but `{k}` lists no sources; add a source or set mix.{k}: 0")
 
 
@@ -126,6 +156,15 @@ class ReplayConfig(Strict):
     max_seq_len: int = Field(256, gt=8)
 
 
+class VLLMConfig(Strict):
+    """vLLM engine settings for `sampler: vllm` (colocated: each GPU holds an engine next to its training shard)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # the engine's share of GPU memory (weights + KV cache)
+    enable_sleep_mode: bool = True  # free the engine's memory during the update; its weights are re-pushed after
+    max_model_len: int | None = Field(None, gt=0)  # prompt + answer tokens (default: the model's context)
+    tensor_parallel_size: int = Field(1, gt=0)  # GPUs per engine (must divide the number of processes)
+
+
 class OPDStage(TrainStageBase):
     kind: Literal["opd"]  # on-policy distillation: the student samples, the teacher scores every token
     teacher: str = "snapshot:base"  # snapshot:<name> (see README), a local path, or a hub id
@@ -151,6 +190,10 @@ class OPDStage(TrainStageBase):
     beta: float = Field(0.5, ge=0, le=1)  # jsd interpolation (0 = forward KL, 1 = reverse KL)
     gamma: float = Field(0.0, ge=0, le=1)  # discount for the sampled estimator (0 = per-token, as the reference)
     replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(batch_size=0))  # off unless batch_size > 0
+    # Rollout engine: hf (the student's generate; any device) or vllm (GPU; TRL's colocated vLLM, weights pushed
+    # after every update). Both give the same masks and stop tokens.
+    sampler: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @model_validator(mode="after")
     def _check_prompts(self):
@@ -160,7 +203,9 @@ class OPDStage(TrainStageBase):
             raise ValueError("`prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)")
         # An option the chosen loss ignores is a mistake (the user meant to change something): say so.
         for option, applies_to in (("beta", "jsd"), ("gamma", "sampled")):
-            if option in self.model_fields_set and self.loss != applies_to:
+            # (a value equal to the default is harmless: a resolved recipe lists every option with its value)
+            if option in self.model_fields_set and self.loss != applies_to and \
+                    getattr(self, option) != type(self).model_fields[option].default:
                 raise ValueError(f"`{option}` only applies to loss: {applies_to} (this stage uses loss: {self.loss}); "
                                  f"remove it or set loss: {applies_to}")
         if self.doc_prompt_fraction > 0 and not self.doc_prompts:
@@ -173,6 +218,13 @@ Stage = Annotated[Union[EvalStage, SFTStage, OPDStage], Field(discriminator="kin
 STAGE_CLASSES = {"eval": EvalStage, "sft": SFTStage, "opd": OPDStage}
 
 
+class HeadlineConfig(Strict):
+    """The two `suite/metric` keys the summary, report and comparison lead with."""
+
+    domain_qa: str = "domain_qa/exact_match"
+    if_eval: str = "ifeval/prompt_level_strict_acc"
+
+
 class Recipe(Strict):
     name: str  # run name shown in reports
     seed: int = 0  # seeds data order, mixing, prompt choice, sampling and evals
@@ -182,6 +234,7 @@ class Recipe(Strict):
     evals: EvalsConfig = Field(default_factory=EvalsConfig)  # suites run by eval stages and inside training stages
     stages: list[Stage]  # run in order; each starts from the previous stage's model
     report: bool = True  # write report/ at the end of the run
+    headline: HeadlineConfig = Field(default_factory=HeadlineConfig)  # the metrics tables and plots lead with
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # live mirrors of metrics.jsonl
 
     # Where the recipe came from (set by load_recipe, not by users).
@@ -368,6 +421,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         d.documents = [_resolve(p, base) for p in d.documents]
         d.chat = [_resolve(p, base) for p in d.chat]
         d.qa = [_resolve(p, base) for p in d.qa]
+        if d.self_chat:
+            d.self_chat.prompts = [_resolve(p, base) for p in d.self_chat.prompts]
 
     if recipe.evals.kl_prompts:
         recipe.evals.kl_prompts = _resolve(recipe.evals.kl_prompts, base)

@@ -45,6 +45,12 @@ COLUMNS = ["run", "stage", "stage_index", "kind", "global_step", "step", "suite"
 
 
 # --------------------------------------------------------------------------------------------- loading
+def headline_keys(run_dir: str | Path) -> tuple[str, str]:
+    """(domain QA key, IF-eval key) from the run's recipe `headline:` section, else the demo suites' keys."""
+    h = (read_recipe(run_dir) or {}).get("headline") or {}
+    return h.get("domain_qa", DEFAULT_DOMAIN_KEY), h.get("if_eval", DEFAULT_IF_KEY)
+
+
 def read_recipe(run_dir: str | Path) -> dict | None:
     """The run's `recipe.resolved.yaml` as a dict, or None when absent/unreadable."""
     path = Path(run_dir) / "recipe.resolved.yaml"

@@ -266,7 +266,7 @@ def check_sources(data_cfg) -> None:
     w = data_cfg.mix
     if w.get("documents", 0) > 0:
         load_documents(data_cfg.documents)
-    if w.get("chat", 0) > 0:
+    if w.get("chat", 0) > 0 and data_cfg.chat:  # self-chat answers do not exist yet: their prompts are checked
         load_chat(data_cfg.chat)
     if w.get("qa", 0) > 0:
         load_qa(data_cfg.qa)

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from continual_opd import distributed
+
 from continual_opd.errors import ModelError
 
 Message = dict[str, str]
@@ -131,29 +133,36 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
 
+    # Under several processes each rank generates whole batches of the one-process batching (distributed.py), so
+    # the gathered answers are the ones a single process would give.
+    batches = distributed.shard_batches(len(texts), batch_size, order)
+    synced = distributed.is_sharded(model)  # FSDP / ZeRO-3: every rank must run every forward pass together
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(texts), desc=progress if isinstance(progress, str) else "generate", unit="prompt")
-    outputs: list[str | None] = [None] * len(texts)
+        bar = tqdm(total=sum(map(len, batches)), desc=progress if isinstance(progress, str) else "generate", unit="prompt")
+    mine: list[tuple[int, str]] = []
     device = getattr(model, "device", None) or next(model.parameters()).device
     try:
         with generation_mode(model, tokenizer), torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in batches:
+                if not idx and not synced:
+                    continue
                 enc = tokenizer(
-                    [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                    [texts[i] for i in idx or order[:1]], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
-                out_BT = model.generate(**enc, generation_config=gen_config)
+                out_BT = model.generate(**enc, generation_config=gen_config, **({"synced_gpus": True} if synced else {}))
                 new_BT = out_BT[:, enc["input_ids"].shape[1] :]  # left padding: prompts all end here
-                for i, text in zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)):
-                    outputs[i] = text
+                mine.extend(zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)))  # a filler batch adds none
                 if bar is not None:
                     bar.update(len(idx))
     finally:
         if bar is not None:
             bar.close()
+    outputs: list[str | None] = [None] * len(texts)
+    for i, text in distributed.gather(mine):
+        outputs[i] = text
     return outputs  # type: ignore[return-value]
 
 
@@ -217,7 +226,8 @@ def sample_rollouts(
     device = getattr(model, "device", None) or next(model.parameters()).device
     with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out_BT = model.generate(**enc, generation_config=gen_config)
+        out_BT = model.generate(**enc, generation_config=gen_config,
+                                **({"synced_gpus": True} if distributed.is_sharded(model) else {}))
     P = enc["input_ids"].shape[1]
     return rollouts_from_ids(out_BT[:, :P], enc["attention_mask"].repeat_interleave(samples_per_prompt, 0),
                              out_BT[:, P:], gen_config.eos_token_id or [])

@@ -176,11 +176,20 @@ def prepare_for_stage(model, finetune: str, lora: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def save_model(model, tokenizer, out_dir: Path, base_ref: str) -> ModelRef:
-    """Save the current model; a PeftModel saves only its adapter (on top of `base_ref`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def save_model(model, tokenizer, out_dir: Path, base_ref: str, *, write: bool = True) -> ModelRef:
+    """Save the current model; a PeftModel saves only its adapter (on top of `base_ref`). `write=False` (ranks other
+    than 0) only computes the ref that rank 0's save gives."""
+    from continual_opd import distributed
+
+    state_dict = None
+    if distributed.is_sharded(model):  # FSDP / ZeRO-3: gathering the full weights is a collective on every rank
+        from accelerate import Accelerator
+
+        state_dict = Accelerator().get_state_dict(model)
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(out_dir)
     return ModelRef(base=base_ref, adapter=str(out_dir)) if is_peft(model) else ModelRef(base=str(out_dir))
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from continual_opd import checkpoints, models
+from continual_opd import checkpoints, distributed, models
 from continual_opd.config import OPDStage, Recipe, SFTStage, recipe_to_yaml
-from continual_opd.errors import ConfigError, ModelError, RunDirError
+from continual_opd.errors import ConfigError, ContinualOPDError, ModelError, RunDirError
+from continual_opd.self_chat import check_no_eval_overlap, if_eval_prompts
 from continual_opd.evals import seed_everything
 from continual_opd.io import atomic_write_json, atomic_write_text
 from continual_opd.stages import StageContext
-from continual_opd.tracking import KL_TO_STAGE_START, MetricsSink
+from continual_opd.tracking import KL_TO_STAGE_START, MetricsSink, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class Evaluator:
 
         results: dict[str, float] = {}
         t0 = time.time()
-        out_dir = stage_dir / "evals" / f"step-{step:06d}"
+        # every rank generates its share of the answers (generation.generate gathers them); rank 0 writes them
+        out_dir = stage_dir / "evals" / f"step-{step:06d}" if distributed.is_main() else None
         for ref in stage.suites or self.recipe.evals.suites:
             suite = self.suites[ref]
             values = run_suite(suite, model, self.tokenizer, out_dir, seed=self.recipe.seed,
@@ -70,8 +72,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
     if resume:
         if not (run_dir / "recipe.resolved.yaml").exists():
             raise RunDirError(f"{run_dir}: nothing to resume (no recipe.resolved.yaml); run without --resume to start it")
-        old = (run_dir / "recipe.resolved.yaml").read_text(encoding="utf-8")
-        if yaml.safe_load(old) != yaml.safe_load(resolved):
+        if _normalized(run_dir / "recipe.resolved.yaml") != yaml.safe_load(resolved):
             raise RunDirError(f"{run_dir}: the recipe differs from the run's recipe.resolved.yaml; resume with the "
                               "same recipe and overrides, or start a new output_dir")
         return run_dir
@@ -88,6 +89,61 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
     # from the beginning in place (the state below says no stage is done).
     atomic_write_json(run_dir / STATE_FILE, {"completed": [], "global_step": 0})
     return run_dir
+
+
+# Recipe keys that do not change what a stage computes: runs that differ only in these can share stages.
+_FORK_FREE_KEYS = ("name", "output_dir", "stages", "report", "report_to", "headline")
+
+
+def shared_stages(recipe: Recipe, from_run: Path) -> int:
+    """How many completed leading stages of `from_run` this recipe can reuse; an error if none."""
+    src = from_run.expanduser().resolve()
+    if not (src / "recipe.resolved.yaml").is_file() or not (src / STATE_FILE).is_file():
+        raise RunDirError(f"{src}: --from-run needs a run directory (recipe.resolved.yaml and {STATE_FILE}); check the path")
+    old = _normalized(src / "recipe.resolved.yaml")
+    new = yaml.safe_load(recipe_to_yaml(recipe))
+    for key in new:
+        if key not in _FORK_FREE_KEYS and old.get(key) != new.get(key):
+            raise ConfigError(f"{recipe.source}: {key}: differs from {src}/recipe.resolved.yaml, so no stage of that run "
+                              "can be reused; use the same value or drop --from-run")
+    done = json.loads((src / STATE_FILE).read_text())["completed"]
+    n = 0
+    while n < min(len(done), len(new["stages"]), len(old["stages"])) and old["stages"][n] == new["stages"][n]:
+        n += 1
+    if n == 0:
+        why = "its first stage differs from this recipe's" if done else "it has no completed stage"
+        raise ConfigError(f"{src}: --from-run: nothing to reuse ({why}); run without --from-run")
+    return n
+
+
+def fork_run(src: Path, run_dir: Path, n: int) -> None:
+    """Start `run_dir` with the first `n` completed stages of `src`: their state, metric rows and summary. Models
+    stay where they are (the new run's refs point into `src`, so keep that run)."""
+    src = src.expanduser().resolve()
+    state = json.loads((src / STATE_FILE).read_text())
+    completed = state["completed"][:n]
+    names = {c["name"] for c in completed}
+    rows = [r for r in read_rows(src / "metrics.jsonl") if r.get("stage_index", -1) < n] \
+        if (src / "metrics.jsonl").exists() else []
+    summary = json.loads((src / "summary.json").read_text()) if (src / "summary.json").exists() else {}
+    global_step = completed[-1].get("global_step", max([int(r.get("global_step", 0)) for r in rows] or [0]))
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(run_dir / "summary.json", {k: v for k, v in summary.items() if k in names})
+    atomic_write_json(run_dir / "forked_from.json", {"run": str(src), "stages": [c["name"] for c in completed]})
+    atomic_write_json(run_dir / STATE_FILE, {"completed": completed, "global_step": global_step})
+    log.info("reusing %d stage(s) of %s: %s", n, src, ", ".join(c["name"] for c in completed))
+
+
+def _normalized(resolved: Path) -> dict:
+    """A run's recipe.resolved.yaml read through today's schema: options added since (with their defaults) do not
+    make an old run look different. A file the schema no longer accepts is compared as written."""
+    from continual_opd.config import validate_recipe_dict
+
+    raw = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    try:
+        return yaml.safe_load(recipe_to_yaml(validate_recipe_dict(raw, str(resolved))))
+    except ConfigError:
+        return raw
 
 
 def check_output_dir(path: Path) -> None:
@@ -112,18 +168,37 @@ def _stage_dir(run_dir: Path, i: int, name: str) -> Path:
 # ---------------------------------------------------------------------------------------------- main loop
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run every stage of the recipe; return the run directory."""
+def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True, from_run: str | Path | None = None) -> Path:
+    """Run every stage of the recipe; return the run directory.
+
+    `from_run`: an earlier run whose completed leading stages this recipe shares (same model, seed, evals and stage
+    settings); they are reused, not re-run, and the new run continues from the first stage that differs.
+    """
     preflight(recipe)  # bad data fails here, before the run dir is touched
-    run_dir = prepare_run_dir(recipe, resume)
+    if from_run is not None:
+        if resume:
+            raise ConfigError("--from-run starts a new run; it cannot be combined with --resume")
+        n_shared = shared_stages(recipe, Path(from_run))  # checked before the new run dir exists
+
+    def make_run_dir() -> Path:  # rank 0 only: the one writer of the run directory
+        run_dir = prepare_run_dir(recipe, resume)
+        if from_run is not None:
+            fork_run(Path(from_run), run_dir, n_shared)
+        return run_dir
+
+    run_dir = distributed.on_main(make_run_dir)
+    writer = distributed.is_main()
     fresh = {"completed": [], "global_step": 0}
     state = json.loads((run_dir / STATE_FILE).read_text()) if (run_dir / STATE_FILE).exists() else fresh
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    sink = MetricsSink(run_dir, recipe.report_to, run_name=recipe.name)
+    sink = MetricsSink(run_dir, recipe.report_to, run_name=recipe.name, write=writer)
     recipe_hash = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
     seed_everything(recipe.seed)
     try:
-        base = models.resolve_base(recipe.model, recipe.cache_dir, progress=progress)
+        # rank 0 builds the demo model / converts a GGUF file once; the others then find it in the cache
+        base = distributed.on_main(lambda: models.resolve_base(recipe.model, recipe.cache_dir, progress=progress))
+        if not writer:
+            base = models.resolve_base(recipe.model, recipe.cache_dir, progress=False)
         tokenizer = models.load_tokenizer(base, recipe.model)
         snapshots = {"base": models.ModelRef(base)}
         current = models.ModelRef(base)
@@ -137,7 +212,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
             if i < n_done:
                 continue
             stage_dir = _stage_dir(run_dir, i, stage.name)
-            stage_dir.mkdir(parents=True, exist_ok=True)
+            if writer:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()  # every rank sees the same checkpoints when it looks for one to resume
             global_offset = state["global_step"]
             sink.set_stage(stage.name, i, stage.kind, global_offset)
             stage_snaps = {f"before-{stage.name}": current}
@@ -174,19 +251,23 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: bool = True) -
                 model, results, steps = out.model, out.results, out.steps
                 evaluator.kl_monitor = None
                 # a LoRA adapter is saved on top of the base it was trained on; full weights stand alone
-                current = models.save_model(model, tokenizer, stage_dir / "final", current.base)
+                current = models.save_model(model, tokenizer, stage_dir / "final", current.base, write=writer)
             stage_snaps[f"after-{stage.name}"] = current
             snapshots.update(stage_snaps)
             sink.log(steps, "time", {"stage_s": time.time() - t0})
             summary[stage.name] = {k: v for k, v in results.items() if not k.startswith("time/")}
-            atomic_write_json(run_dir / "summary.json", summary)
+            if writer:
+                atomic_write_json(run_dir / "summary.json", summary)
             state["global_step"] = global_offset + steps
             state["completed"].append({"index": i, "name": stage.name, "ref": current.to_dict(),
+                                       "global_step": state["global_step"],
                                        "snapshots": {k: v.to_dict() for k, v in stage_snaps.items()}})
-            atomic_write_json(run_dir / STATE_FILE, state)
+            if writer:
+                atomic_write_json(run_dir / STATE_FILE, state)
+            distributed.barrier()
     finally:
         sink.close()
-    if recipe.report:
+    if recipe.report and writer:
         try:
             from continual_opd.report import write_report
 
@@ -207,32 +288,56 @@ def preflight(recipe: Recipe) -> None:
     snapshots = ["base"]
     for i, stage in enumerate(recipe.stages):
         snapshots.append(f"before-{stage.name}")
+        if isinstance(stage, SFTStage) and stage.data.self_chat:  # the answering snapshot must exist here
+            _check_snapshot(recipe, stage.data.self_chat.model, snapshots, f"stages.{i}.data.self_chat.model")
         if isinstance(stage, OPDStage):  # a teacher must exist at this point of the stage order
             if stage.teacher.startswith("snapshot:"):
-                name = stage.teacher.removeprefix("snapshot:")
-                if name not in snapshots:
-                    raise ConfigError(f"{recipe.source}: stages.{i}.teacher: no snapshot named {name!r}; available "
-                                      f"here: {', '.join('snapshot:' + k for k in snapshots)}")
+                _check_snapshot(recipe, stage.teacher, snapshots, f"stages.{i}.teacher")
             else:
                 models.check_model_ref(stage.teacher, f"stages.{i}.teacher")
                 _check_teacher_tokenizer(recipe, stage.teacher, i)
         snapshots.append(f"after-{stage.name}")
+    suites = []
     for i, stage in enumerate(recipe.stages):
         field = f"stages.{i}.suites" if stage.suites else "evals.suites"
         for ref in stage.suites or recipe.evals.suites:
             try:
-                load_suite(ref, base)
+                suites.append(load_suite(ref, base))
             except ConfigError as e:  # say which recipe field named the suite
                 raise ConfigError(f"{recipe.source}: {field}: {e}") from None
+    eval_prompts = if_eval_prompts(suites)
+    for i, stage in enumerate(recipe.stages):
         if isinstance(stage, SFTStage):
             check_sources(stage.data)
+            if stage.data.self_chat:
+                for p in stage.data.self_chat.prompts:
+                    read_prompts(p)
+                n = check_no_eval_overlap(stage.data.self_chat.prompts, eval_prompts, f"stages.{i}.data.self_chat.prompts")
+                log.info("self-chat prompts of stage %s: none of the %d is among the %d IF eval prompts", stage.name, n,
+                         len(eval_prompts))
         if isinstance(stage, OPDStage):
             for p in stage.prompts + stage.doc_prompts:
                 read_prompts(p)
+            _warn_eval_overlap(stage.prompts, eval_prompts, f"stages.{i}.prompts")
             if stage.replay.batch_size > 0:
                 check_sources(stage.replay.data)
     if recipe.evals.kl_prompts:
         read_prompts(recipe.evals.kl_prompts)
+
+
+def _check_snapshot(recipe: Recipe, ref: str, available: list[str], field: str) -> None:
+    name = ref.removeprefix("snapshot:")
+    if name not in available:
+        raise ConfigError(f"{recipe.source}: {field}: no snapshot named {name!r}; available here: "
+                          f"{', '.join('snapshot:' + k for k in available)}")
+
+
+def _warn_eval_overlap(prompt_files: list[str], eval_prompts: dict[str, str], field: str) -> None:
+    """OPD on an eval prompt is legal (a user may distil on their own eval set on purpose) but inflates the score."""
+    try:
+        check_no_eval_overlap(prompt_files, eval_prompts, field)
+    except ContinualOPDError as e:
+        log.warning("%s (and possibly more)", e)
 
 
 def _check_teacher_tokenizer(recipe: Recipe, teacher: str, i: int) -> None:

@@ -357,10 +357,13 @@ def _stage_list(df: pd.DataFrame, run: str) -> str:
                        for r in curves.stages(df, run).itertuples())
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, domain_key: str = DEFAULT_DOMAIN_KEY,
-                 if_key: str = DEFAULT_IF_KEY) -> Path:
-    """Write `<run>/report/` (or `out_dir`): curves.png, pareto.png, report.md, report.html. Returns the folder."""
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, domain_key: str | None = None,
+                 if_key: str | None = None) -> Path:
+    """Write `<run>/report/` (or `out_dir`): curves.png, pareto.png, report.md, report.html. Returns the folder.
+    Headline keys default to the run recipe's `headline:` section."""
     run_dir = Path(run_dir)
+    d_key, i_key = curves.headline_keys(run_dir)
+    domain_key, if_key = domain_key or d_key, if_key or i_key
     out = Path(out_dir) if out_dir else run_dir / "report"
     df, notes = _load([run_dir])
     run = str(df["run"].iat[0])
@@ -383,10 +386,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, doma
     return _render(blocks, out, f"Run report: {run}")
 
 
-def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, domain_key: str = DEFAULT_DOMAIN_KEY,
-                     if_key: str = DEFAULT_IF_KEY) -> Path:
-    """Compare runs side by side in `out_dir` (overlay + pareto + per-run PNGs, report.md/html). Returns out_dir."""
+def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, domain_key: str | None = None,
+                     if_key: str | None = None) -> Path:
+    """Compare runs side by side in `out_dir` (overlay + pareto + per-run PNGs, report.md/html). Returns out_dir.
+    Headline keys default to the first run recipe's `headline:` section."""
     dirs, out = [Path(d) for d in run_dirs], Path(out_dir)
+    d_key, i_key = curves.headline_keys(dirs[0])
+    domain_key, if_key = domain_key or d_key, if_key or i_key
     df, notes = _load(dirs)
     runs = list(df["run"].cat.categories)
     evk = {r: set(curves.eval_rows(df, r)["key"]) for r in runs}

@@ -23,8 +23,11 @@ KL_TO_STAGE_START = "kl_to_stage_start"
 
 
 class MetricsSink:
-    def __init__(self, run_dir: Path, report_to: Iterable[str] = (), run_name: str = "run"):
+    """`write=False` (every rank but 0 of a multi-process run) keeps the counters and writes nothing."""
+
+    def __init__(self, run_dir: Path, report_to: Iterable[str] = (), run_name: str = "run", write: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.write = write
         self.stage = ""
         self.stage_index = -1
         self.kind = ""
@@ -34,6 +37,9 @@ class MetricsSink:
         self._wall_offset = 0.0
         self._t0 = time.time()
         self._mirrors = []
+        self._f = None
+        if not write:
+            return
         last = self.last_row()
         if last is not None:  # resuming: continue the wall clock and the counters
             self._wall_offset = float(last.get("wall", 0.0))
@@ -53,6 +59,8 @@ class MetricsSink:
 
     # ------------------------------------------------------------------ writing
     def log(self, step: int, suite: str, values: dict[str, float], **extra) -> None:
+        if not self.write:
+            return
         now = time.time()
         for metric, value in values.items():
             if value is None:
@@ -71,7 +79,8 @@ class MetricsSink:
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         for m in self._mirrors:
             getattr(m, "close", lambda: None)()
 
@@ -85,6 +94,8 @@ class MetricsSink:
 
     def truncate_after(self, stage_index: int, step: int) -> int:
         """Drop rows logged after a checkpoint (stage_index, step): resume re-logs them identically."""
+        if not self.write:
+            return 0
         self._f.close()
         rows = read_rows(self.path)
         keep = [r for r in rows if r["stage_index"] < stage_index or (r["stage_index"] == stage_index and r["step"] <= step)]

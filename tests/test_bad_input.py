@@ -134,6 +134,15 @@ CASES = [
     ("doc_prompt_fraction without doc_prompts", lambda r: _override(r, "stages.2.doc_prompt_fraction=0.5"),
      "{root}/recipe.yaml: stages.2: doc_prompt_fraction is 0.5 but `doc_prompts` lists no files; add a QA .jsonl to "
      "doc_prompts or set doc_prompt_fraction: 0"),
+    ("self-chat prompt file missing", lambda r: _override(r, f"stages.1.data.self_chat={{prompts: [{r / 'nope.jsonl'}]}}"),
+     "{root}/nope.jsonl: file not found; check the path (relative paths resolve against the file that names them)"),
+    ("self-chat answered by a model that is not a snapshot",
+     lambda r: _override(r, "stages.1.data.self_chat={prompts: [prompts.jsonl], model: gpt-4}"),
+     "{root}/recipe.yaml: command-line override 'stages.1.data.self_chat={prompts: [prompts.jsonl], model: gpt-4}': "
+     "stages.1.data.self_chat: model 'gpt-4': use snapshot:base or snapshot:before-/after-<stage>"),
+    ("unknown sampler", lambda r: _override(r, "stages.2.sampler=sglang"),
+     "{root}/recipe.yaml: command-line override 'stages.2.sampler=sglang': stages.2.sampler: Input should be 'hf' or "
+     "'vllm' (got 'sglang')"),
 ]
 
 

@@ -151,3 +151,32 @@ def test_shipped_recipes_validate(recipe, capsys, monkeypatch):
             "connected machine first, or point it at a local directory")
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, the hub is asked when the run starts
     assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+
+
+def test_shipped_accelerate_configs_load_and_are_referenced():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    repo = Path(__file__).resolve().parents[1]
+    kinds = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
+    for name, kind in kinds.items():
+        cfg = load_config_from_file(str(repo / "recipes/accelerate" / f"{name}.yaml"))
+        assert cfg.distributed_type.value == kind and not cfg.use_cpu
+    assert load_config_from_file(str(repo / "recipes/accelerate/fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
+    assert "recipes/accelerate/ddp.yaml" in (repo / "recipes/qwen3-8b-personalize.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["personalize", "sft-docs-only", "qwen3-8b-personalize", "smollm2-personalize",
+                                  "smollm2-sft-docs-only"])
+def test_a_resolved_recipe_validates_again(name):
+    """run dirs keep recipe.resolved.yaml (every option, with its value); --resume and --from-run re-read it"""
+    from pathlib import Path
+
+    import yaml
+
+    from continual_opd.config import load_recipe, recipe_to_yaml, validate_recipe_dict
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    again = validate_recipe_dict(yaml.safe_load(recipe_to_yaml(recipe)), "resolved")
+    assert recipe_to_yaml(again) == recipe_to_yaml(recipe)

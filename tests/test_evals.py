@@ -139,6 +139,16 @@ def test_domain_qa_em_and_f1_known_values():
     assert metrics["f1"] == pytest.approx((1 + 1 + 4 / 7 + 0) / 4)
     assert [r["exact_match"] for r in records] == [1.0, 1.0, 0.0, 0.0]
     assert records[0]["id"] == "q1" and records[0]["fact_id"] == "f1" and "id" not in records[2]
+    # contains: rows 1-3 state an answer ("the third floor" normalizes to "third floor"); row 4 does not
+    assert [r["contains"] for r in records] == [1.0, 1.0, 1.0, 0.0] and metrics["contains"] == 0.75
+
+
+def test_domain_qa_contains_needs_whole_words():
+    rows = [{"question": "q", "answer": "2009"}, {"question": "q", "answer": "Ghent"},
+            {"question": "q", "answer": "12 May 2009"}]
+    responses = ["It was founded in 20091.", "Our head office is in Ghent, Belgium.", "On 12 may 2009, in a greenhouse"]
+    _, records = score_domain_qa(rows, responses)
+    assert [r["contains"] for r in records] == [0.0, 1.0, 1.0]
 
 
 def test_local_evaluate_module_loads_offline():
@@ -146,7 +156,7 @@ def test_local_evaluate_module_loads_offline():
     assert (METRIC_DIR / "squad_em_f1.py").is_file()
     metric = load_metric()
     out = metric.compute(predictions=["The Eiffel Tower", "x"], references=[["eiffel tower"], ["y", "z"]])
-    assert out == {"exact_match": 0.5, "f1": 0.5}
+    assert out == {"exact_match": 0.5, "f1": 0.5, "contains": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- load_suite

@@ -258,3 +258,107 @@ def test_run_that_fails_before_its_first_stage_completes_resumes_from_the_beginn
     assert got["baseline"]["ifeval/prompt_level_strict_acc"] == want["baseline"]["ifeval/prompt_level_strict_acc"]
     keys = [(r["stage"], r["step"], r["suite"], r["metric"]) for r in rows_of(out)]
     assert len(keys) == len(set(keys))  # the half-finished baseline's rows were not duplicated
+
+
+# ---------------------------------------------------------------------------------------------- self-generated chat
+
+
+def _self_chat_recipe(world, out: Path, **self_chat) -> Path:
+    recipe = yaml.safe_load((world / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(out)
+    sft = recipe["stages"][1]
+    sft["data"] = {"documents": ["docs"], "qa": ["qa.jsonl"], "mix": {"documents": 0.4, "qa": 0.3, "chat": 0.3},
+                   "self_chat": {"prompts": ["chat.jsonl"], "num_prompts": 6, "max_new_tokens": 6,
+                                 "keep_truncated": True, **self_chat}}
+    recipe["stages"] = recipe["stages"][:2]
+    path = world / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_self_chat_is_the_models_own_answers_and_is_reused_on_resume(world, tmp_path, monkeypatch):
+    from continual_opd import self_chat
+
+    out = tmp_path / "selfchat"
+    run_recipe(load_recipe(_self_chat_recipe(world, out)), progress=False)
+    path = out / "stages/01-sft/self_chat.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6 and [r["messages"][0] for r in rows] == [c["messages"][0] for c in CHAT[:6]]
+    # the answers are the model's, not the file's
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert [r["messages"][-1]["content"] for r in rows] != [c["messages"][-1]["content"] for c in CHAT[:6]]
+    meta = json.loads((out / "stages/01-sft/self_chat.meta.json").read_text())
+    assert meta["stats"]["prompts"] == 6 and meta["model"]["base"].endswith("model")
+    rows_logged = {r["metric"]: r["value"] for r in rows_of(out) if r["suite"] == "data"}
+    assert rows_logged["self_chat/kept"] == 6 and rows_logged["token_share/chat"] > 0
+    before = path.read_bytes()
+    # reused: a second stage run with the same settings does not generate again
+    monkeypatch.setattr("continual_opd.generation.sample_rollouts",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated again")))
+    p, stats = self_chat.ensure_self_chat(load_recipe(_self_chat_recipe(world, out)).stages[1].data.self_chat,
+                                          out / "stages/01-sft", None, None, model_ref=meta["model"], seed=0)
+    assert p == path and path.read_bytes() == before and stats == meta["stats"]
+
+
+def test_self_chat_prompts_that_are_if_eval_prompts_are_refused(world, tmp_path, capsys):
+    leaky = world / "leaky.jsonl"
+    leaky.write_text(json.dumps({"prompt": "What is 1 plus 1?"}) + "\n"
+                     + json.dumps({"prompt": "  say hello.   do not use any commas. "}) + "\n")
+    recipe = _self_chat_recipe(world, tmp_path / "leak", prompts=[str(leaky)])
+    assert main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert f"{leaky}:2: stages.1.data.self_chat.prompts: this prompt is also an eval prompt of suite 'ifeval'" in err
+    assert not (tmp_path / "leak").exists()
+
+
+def test_self_chat_snapshot_must_exist_at_that_point(world, tmp_path, capsys):
+    recipe = _self_chat_recipe(world, tmp_path / "x", model="snapshot:after-sft")
+    assert main(["validate", str(recipe)]) != 0
+    assert "stages.1.data.self_chat.model: no snapshot named 'after-sft'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --from-run
+
+
+def test_from_run_reuses_the_shared_stages_and_runs_the_rest(world, tmp_path, capsys):
+    ref = _reference_run(world)
+    out = tmp_path / "fork"
+    code = main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}", "stages.3.loss=forward",
+                 "--from-run", str(ref), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    state = json.loads((out / "run_state.json").read_text())
+    assert [c["name"] for c in state["completed"]] == ["baseline", "sft", "after-sft", "opd"]
+    assert state["completed"][1]["ref"]["base"].startswith(str(ref))  # the SFT model is the source run's
+    assert not (out / "stages/01-sft").exists() and (out / "stages/03-opd/final").is_dir()
+    rows, ref_rows = rows_of(out), rows_of(ref)
+    shared = [r for r in ref_rows if r["stage_index"] < 3]
+    assert [r for r in rows if r["stage_index"] < 3] == shared  # the first three stages' rows, copied as they are
+    opd = [r for r in rows if r["stage_index"] == 3]
+    assert opd and opd[0]["global_step"] == state["completed"][2]["global_step"] + opd[0]["step"]
+    ref_summary, summary = json.loads((ref / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert summary["after-sft"] == ref_summary["after-sft"] and summary["opd"] != ref_summary["opd"]
+    assert json.loads((out / "forked_from.json").read_text())["stages"] == ["baseline", "sft", "after-sft"]
+
+
+def test_from_run_refuses_a_run_that_shares_nothing(world, tmp_path, capsys):
+    ref = _reference_run(world)
+    assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={tmp_path / 'a'}", "seed=1",
+                 "--from-run", str(ref)]) != 0
+    assert "seed: differs from" in capsys.readouterr().err
+    assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={tmp_path / 'b'}", "stages.0.suites=[ifeval.yaml]",
+                 "--from-run", str(ref)]) != 0
+    assert "nothing to reuse (its first stage differs" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_headline_keys_come_from_the_recipe(world, tmp_path, capsys):
+    out = tmp_path / "headline"
+    recipe = yaml.safe_load((world / "recipe.yaml").read_text())
+    recipe.update(output_dir=str(out), report=True, stages=recipe["stages"][:1],
+                  headline={"domain_qa": "domain_qa/f1", "if_eval": "ifeval/inst_level_loose_acc"})
+    (world / "headline.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["recipe", str(world / "headline.yaml"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "domain_qa/f1" in printed and "ifeval/inst_level_loose_acc" in printed
+    report = (out / "report/report.md").read_text()
+    assert "domain QA = domain_qa/f1, IF-eval = ifeval/inst_level_loose_acc" in report

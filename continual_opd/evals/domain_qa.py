@@ -1,8 +1,9 @@
-"""Domain QA: does the model answer held-out questions about the new documents? (exact match, token F1)
+"""Domain QA: does the model answer held-out questions about the new documents? (exact match, token F1, contains)
 
 Rows are JSONL {"question", "answer"} with optional "id"/"fact_id"; "answer" is a string or a list
 of acceptable answers. Each question is asked as one user turn (optionally after the suite's
-`instruction`), answered greedily, and scored with SQuAD normalization by the local `evaluate`
+`instruction`), answered greedily, and scored with SQuAD normalization (`contains`: the answer is stated
+somewhere in the response, for chat models that answer in full sentences) by the local `evaluate`
 module in `metrics/squad_em_f1/` (loaded by path: works offline, no hub lookup).
 """
 
@@ -62,11 +63,13 @@ def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, f
     preds = [r.strip() for r in responses]
     scores = load_metric().compute(predictions=preds, references=references, per_example=True)
     records = []
-    for row, response, em, f1 in zip(rows, responses, scores["exact_match_per_example"], scores["f1_per_example"]):
+    for row, response, em, f1, inc in zip(rows, responses, scores["exact_match_per_example"], scores["f1_per_example"],
+                                          scores["contains_per_example"]):
         rec = {k: row[k] for k in ("id", "fact_id") if k in row}
-        rec.update(question=row["question"], answer=row["answer"], response=response, exact_match=em, f1=f1)
+        rec.update(question=row["question"], answer=row["answer"], response=response, exact_match=em, f1=f1,
+                   contains=inc)
         records.append(rec)
-    return {"exact_match": scores["exact_match"], "f1": scores["f1"]}, records
+    return {"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}, records
 
 
 def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:

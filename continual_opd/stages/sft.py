@@ -14,9 +14,10 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from continual_opd import checkpoints
+from continual_opd import checkpoints, distributed, models
 from continual_opd.config import SFTStage
 from continual_opd.data import build_mixture, build_pools
+from continual_opd.errors import ConfigError
 from continual_opd.stages import EvalCadence, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,28 @@ class StageCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         # The Trainer has finished writing checkpoint-N when on_save fires: add meta.json and mark it complete.
         ckpt = checkpoints.path(self.ctx.stage_dir, state.global_step)
-        if ckpt.exists():
+        if state.is_world_process_zero and ckpt.exists():  # the Trainer saves on rank 0 only
             checkpoints.mark_complete(ckpt, {**self.ctx.checkpoint_meta, "step": state.global_step})
 
 
 # Our schedule names (shared with OPD) → transformers' schedulers, which all start with linear warmup.
 HF_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def _self_chat(cfg, ctx: StageContext):
+    """The stage's self-generated chat file: answered by the live model when it is the snapshot named (the stage's
+    start; a fresh LoRA adapter does not change outputs), else by that snapshot loaded for the purpose."""
+    from continual_opd.self_chat import ensure_self_chat
+
+    ref = ctx.resolve_teacher(cfg.model)
+    gen_model = ctx.model if ref == ctx.start_ref else models.load_model(ref, ctx.recipe.model, trainable_adapter=False)
+    path, stats = ensure_self_chat(cfg, ctx.stage_dir, gen_model, ctx.tokenizer, model_ref=ref.to_dict(),
+                                   seed=ctx.recipe.seed, chat_template_kwargs=ctx.recipe.model.chat_template_kwargs,
+                                   progress=ctx.progress)
+    if ctx.resume_from is None:
+        ctx.sink.log(0, "data", {f"self_chat/{k}": v for k, v in stats.items()})
+    del gen_model
+    return path
 
 
 def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
@@ -61,7 +78,11 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     tok = ctx.tokenizer
     samples_per_step = stage.batch_size * stage.grad_accum
-    pools = build_pools(stage.data, tok, stage.max_seq_len, recipe.model.chat_template_kwargs)
+    data = stage.data
+    if data.self_chat is not None:
+        path = _self_chat(data.self_chat, ctx)
+        data = data.model_copy(update={"chat": [*data.chat, str(path)]})
+    pools = build_pools(data, tok, stage.max_seq_len, recipe.model.chat_template_kwargs)
     mix = build_mixture(pools, stage.data.mix, stage.steps * samples_per_step, seed=recipe.seed)
     log.info("SFT mixture: %s examples available; realized token share %s (target %s)", mix.source_sizes,
              {k: round(v, 3) for k, v in mix.token_share.items()}, stage.data.mix)
@@ -70,10 +91,16 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
                      | {f"examples/{k}": n for k, n in mix.source_sizes.items()})
     train = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in mix.examples])
 
+    # The recipe's batch is the global one: with N processes each rank takes batch_size / N examples a step, so the
+    # stage sees the same data and the same number of examples per update at any process count.
+    world = distributed.world_size()
+    if stage.batch_size % world:
+        raise ConfigError(f"{recipe.source}: stages.{ctx.stage_index}.batch_size: {stage.batch_size} does not split "
+                          f"over {world} processes; use a multiple of {world}")
     args = SFTConfig(
         output_dir=str(ctx.stage_dir / "checkpoints"),
         max_steps=stage.steps,
-        per_device_train_batch_size=stage.batch_size,
+        per_device_train_batch_size=stage.batch_size // world,
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.learning_rate,
         lr_scheduler_type=HF_SCHEDULERS[stage.lr_scheduler],

@@ -19,14 +19,15 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of predicted answer strings.
     references: list of lists of acceptable answer strings (one list per prediction).
-    per_example: if True, also return `exact_match_per_example` and `f1_per_example` lists.
+    per_example: if True, also return `exact_match_per_example`, `f1_per_example` and `contains_per_example`.
 Returns:
     exact_match: mean exact match in [0, 1].
     f1: mean token F1 in [0, 1].
+    contains: share of predictions that state a reference answer somewhere (normalized, whole words).
 Examples:
     >>> m = evaluate.load("continual_opd/evals/metrics/squad_em_f1")
     >>> m.compute(predictions=["The Eiffel tower"], references=[["Eiffel Tower", "la tour Eiffel"]])
-    {'exact_match': 1.0, 'f1': 1.0}
+    {'exact_match': 1.0, 'f1': 1.0, 'contains': 1.0}
 """
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -42,6 +43,13 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def contains(prediction: str, reference: str) -> float:
+    """The normalized reference occurs in the normalized prediction as whole words (a chat model's full sentence
+    that states the answer counts; a longer number or name that merely starts with it does not)."""
+    ref = normalize_answer(reference)
+    return float(bool(ref) and f" {ref} " in f" {normalize_answer(prediction)} ")
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -71,8 +79,9 @@ class SquadEmF1(evaluate.Metric):
     def _compute(self, predictions, references, per_example: bool = False):
         em = [max(exact_match(p, r) for r in refs) if refs else 0.0 for p, refs in zip(predictions, references)]
         f1 = [max(token_f1(p, r) for r in refs) if refs else 0.0 for p, refs in zip(predictions, references)]
+        inc = [max(contains(p, r) for r in refs) if refs else 0.0 for p, refs in zip(predictions, references)]
         n = max(len(em), 1)
-        out = {"exact_match": sum(em) / n, "f1": sum(f1) / n}
+        out = {"exact_match": sum(em) / n, "f1": sum(f1) / n, "contains": sum(inc) / n}
         if per_example:
-            out.update(exact_match_per_example=em, f1_per_example=f1)
+            out.update(exact_match_per_example=em, f1_per_example=f1, contains_per_example=inc)
         return out
