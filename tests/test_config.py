@@ -168,7 +168,7 @@ def test_shipped_accelerate_configs_load_and_are_referenced():
 
 
 @pytest.mark.parametrize("name", ["personalize", "sft-docs-only", "qwen3-8b-personalize", "smollm2-personalize",
-                                  "smollm2-sft-docs-only"])
+                                  "smollm2-sft-docs-only", "smollm2-docs-only-opd"])
 def test_a_resolved_recipe_validates_again(name):
     """run dirs keep recipe.resolved.yaml (every option, with its value); --resume and --from-run re-read it"""
     from pathlib import Path
