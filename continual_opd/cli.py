@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from continual_opd import distributed
 
-    rank = int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+    rank = distributed.env_rank()
     if rank:  # one voice: the other ranks of a multi-process run log warnings only
         logging.getLogger().setLevel(logging.WARNING)
     try:
@@ -214,7 +213,9 @@ def _eval(args) -> int:
 
 def _speaks() -> bool:
     """Rank 0 of a multi-process run (or the only process) prints results."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    from continual_opd import distributed
+
+    return distributed.env_rank() == 0
 
 
 def _lost_peer(e: BaseException) -> bool:

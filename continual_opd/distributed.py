@@ -130,11 +130,16 @@ def shard_batches(n: int, batch_size: int, order: Sequence[int] | None = None) -
 
 
 def shard_list(items: Sequence[T]) -> list[T]:
-    """This rank's contiguous share of `items` (sizes differ by at most one; rank order = item order)."""
-    w, r = world_size(), rank()
-    base, extra = divmod(len(items), w)
-    start = r * base + min(r, extra)
-    return list(items[start:start + base + (1 if r < extra else 0)])
+    """This rank's contiguous share of `items` (accelerate's split: sizes differ by at most one, rank order)."""
+    if state() is None:
+        return list(items)
+    with state().split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+def env_rank() -> int:
+    """The launcher's RANK, read without starting the process group (for printing and logging decisions)."""
+    return int(os.environ.get("RANK", "0") or 0) if launched() else 0
 
 
 def is_sharded(model) -> bool:
