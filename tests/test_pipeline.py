@@ -298,6 +298,13 @@ def test_self_chat_is_the_models_own_answers_and_is_reused_on_resume(world, tmp_
     p, stats = self_chat.ensure_self_chat(load_recipe(_self_chat_recipe(world, out)).stages[1].data.self_chat,
                                           out / "stages/01-sft", None, None, model_ref=meta["model"], seed=0)
     assert p == path and path.read_bytes() == before and stats == meta["stats"]
+    # other settings: generated again (with the real sampler), never reused
+    monkeypatch.undo()
+    model, tok = build_tiny_lm()
+    changed = load_recipe(_self_chat_recipe(world, out)).stages[1].data.self_chat.model_copy(update={"num_prompts": 4})
+    _, stats = self_chat.ensure_self_chat(changed, out / "stages/01-sft", model, tok, model_ref=meta["model"], seed=0,
+                                          progress=False)
+    assert stats["prompts"] == 4 and len(path.read_text().splitlines()) == 4
 
 
 def test_self_chat_prompts_that_are_if_eval_prompts_are_refused(world, tmp_path, capsys):
