@@ -150,6 +150,10 @@ def _dispatch(args) -> int:
         out = Path(args.out)
         _check_out(out)
         print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out, domain_key=args.domain_key, if_key=args.if_key)}")
+        if (out / "across_seeds.csv").exists():  # repeats of one recipe with other seeds: say the spread
+            import pandas as pd
+
+            print("across seeds:\n" + pd.read_csv(out / "across_seeds.csv").to_string(index=False, float_format="%.3f"))
         return 0
     if args.command == "build-demo":
         from continual_opd.demo.build import ensure_demo_model

@@ -396,11 +396,11 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: obj}
 
 
-def settings_diff(recipes: dict[str, dict | None], ignore: Iterable[str] = ("name",)) -> pd.DataFrame:
+def settings_diff(recipes: dict[str, dict | None], ignore: Iterable[str] = ("name", "output_dir")) -> pd.DataFrame:
     """Table run x dotted key of the resolved-recipe settings whose values differ between runs.
 
     A key present in some runs only counts as differing ("(absent)" where missing). Runs without a recipe
-    are left out. `ignore`: keys not worth listing (the run name is already the row label).
+    are left out. `ignore`: keys not worth listing (the run name is the row label; the report lists run dirs).
     """
     flat = {run: flatten(r) for run, r in recipes.items() if isinstance(r, dict)}
     keys = sorted({k for f in flat.values() for k in f} - set(ignore))
@@ -410,3 +410,64 @@ def settings_diff(recipes: dict[str, dict | None], ignore: Iterable[str] = ("nam
     show = lambda v: v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)  # noqa: E731
     return pd.DataFrame({k: [show(f[k]) if k in f else "(absent)" for f in flat.values()] for k in diff},
                         index=pd.Index(list(flat), name="run"), dtype=object)
+
+
+# ------------------------------------------------------------------------------------- across seeds
+# Settings that do not change what is trained or measured at the anchors: where a run writes, what it is
+# called, how often it evaluates/saves on the way. Runs whose recipes differ only in these and `seed` are
+# repeats of one experiment.
+REPEAT_FREE_KEYS = ("seed", "name", "output_dir", "cache_dir", "report", "report_to")
+REPEAT_FREE_SUFFIXES = (".eval_every", ".save_every")
+
+
+def _repeat_free(key: str) -> bool:
+    return key in REPEAT_FREE_KEYS or key.endswith(REPEAT_FREE_SUFFIXES) or key.startswith("headline.")
+
+
+def seed_groups(recipes: dict[str, dict | None]) -> dict[str, list[str]]:
+    """Runs grouped by resolved recipe, ignoring `seed` and the REPEAT_FREE settings, in first-seen order.
+
+    Returns {label: [run, ...]}; the label is the group's first run. A run without a recipe is its own group.
+    """
+    groups: dict[str, list[str]] = {}
+    by_settings: dict[str, str] = {}
+    for run, recipe in recipes.items():
+        if not isinstance(recipe, dict):
+            groups[run] = [run]
+            continue
+        sig = json.dumps({k: v for k, v in flatten(recipe).items() if not _repeat_free(k)},
+                         default=repr, sort_keys=True)
+        label = by_settings.setdefault(sig, run)
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def across_seeds(df: pd.DataFrame, groups: dict[str, list[str]], domain_key: str = DEFAULT_DOMAIN_KEY,
+                 if_key: str = DEFAULT_IF_KEY) -> pd.DataFrame:
+    """Mean, sample standard deviation, min and max over the runs of each group of 2 or more.
+
+    Rows (group, quantity): the headline metrics at base / after SFT / after OPD, IF recovery and domain gain
+    kept. Columns: runs (n measured), mean, sd, min, max. Empty when no group repeats.
+    """
+    rows = {}
+    for label, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        values: dict[str, list[float]] = {}
+        for run in runs:
+            bt = blog_table(df, run, domain_key, if_key)
+            for anchor in bt.index:
+                for col in ("domain QA", "IF-eval"):
+                    values.setdefault(f"{anchor}: {col}", []).append(float(bt.at[anchor, col]))
+            values.setdefault("IF recovery", []).append(recovery_fraction(df, run, if_key))
+            values.setdefault("domain gain kept", []).append(domain_gain_kept(df, run, domain_key))
+        for quantity, v in values.items():
+            s = pd.Series(v, dtype=float).dropna()
+            rows[(label, quantity)] = {"runs": len(s), "mean": s.mean() if len(s) else math.nan,
+                                       "sd": s.std(ddof=1) if len(s) > 1 else math.nan,
+                                       "min": s.min() if len(s) else math.nan, "max": s.max() if len(s) else math.nan}
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=["runs", "mean", "sd", "min", "max"])
+    if len(out):
+        out.index = pd.MultiIndex.from_tuples(out.index, names=["experiment", "quantity"])
+        out["runs"] = out["runs"].astype(int)
+    return out

@@ -325,6 +325,27 @@ DEFINITIONS = [
 ]
 
 
+def _across_seeds_blocks(df: pd.DataFrame, recipes: dict[str, dict | None], out: Path, domain_key: str,
+                         if_key: str) -> list[tuple]:
+    """Report blocks (and out/across_seeds.csv) for runs that repeat one recipe with other seeds; [] if none."""
+    table = curves.across_seeds(df, curves.seed_groups(recipes), domain_key, if_key)
+    if not len(table):
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "across_seeds.csv")
+    blocks: list[tuple] = [("h2", "Across seeds"),
+                           ("p", "Runs whose resolved recipes differ only in seed (and in where and how often they "
+                                 "write and evaluate) are one experiment; sd is the sample standard deviation. "
+                                 "Also in across_seeds.csv.")]
+    for label in dict.fromkeys(table.index.get_level_values(0)):
+        members = curves.seed_groups(recipes)[label]
+        blocks += [("h3", f"{label}: {len(members)} runs, seeds "
+                          + ", ".join(str((recipes[r] or {}).get("seed", "?")) for r in members)
+                          + f" ({', '.join(members)})"),
+                   ("table", table.loc[label])]
+    return blocks
+
+
 def _cl_table(df: pd.DataFrame, domain_key: str, if_key: str) -> pd.DataFrame:
     """cl_metrics with its empty time-to-90% cells spelled out: "not reached" vs "n/a" (no OPD / undefined)."""
     m = curves.cl_metrics(df, domain_key, if_key).astype(object)
@@ -409,13 +430,14 @@ def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, dom
     blog.index.name = "run"
     recipes = {r: curves.read_recipe(d) for r, d in zip(runs, dirs)}
     diff = curves.settings_diff(recipes).T.rename_axis("setting")
+    seeds = _across_seeds_blocks(df, recipes, out, domain_key, if_key)
     fg = pd.DataFrame({r: curves.forgetting(df, r) for r in runs}).loc[sorted(shared)].rename_axis("metric")
     blocks: list[tuple] = [
         ("h1", f"Comparison of {len(runs)} runs"),
         ("list", [f"{r}: {d} - {_stage_list(df, r)}" for r, d in zip(runs, dirs)]),
         ("p", f"Headline metrics: domain QA = {domain_key}, IF-eval = {if_key}."),
         *[("note", n) for n in notes],
-        ("h2", "Base -> after SFT -> after OPD"), ("table", blog),
+        ("h2", "Base -> after SFT -> after OPD"), ("table", blog), *seeds,
         ("img", plot_pareto(df, out / "pareto.png", domain_key, if_key), "domain QA vs IF-eval per run"),
         ("img", plot_overlay(df, out / "overlay.png", {domain_key: f"domain QA: {domain_key}",
                                                             if_key: f"IF-eval: {if_key}"}), "headline metrics, all runs"),

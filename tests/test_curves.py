@@ -30,7 +30,7 @@ OPD_IF = {10: 0.55, 20: 0.64, 30: 0.68, 40: 0.69, 50: 0.69, 60: 0.69}
 
 def make_run(root: Path, name: str = "demo", *, recipe_name: str | None = None, opd: bool = True, lr: float = 1e-5,
              suites: tuple[str, ...] = ("domain_qa", "ifeval", "kl_monitor"), shift: float = 0.0,
-             opd_if: dict[int, float] | None = None, write_recipe: bool = True) -> Path:
+             opd_if: dict[int, float] | None = None, write_recipe: bool = True, seed: int = 0) -> Path:
     """Write <root>/<name>/{metrics.jsonl, recipe.resolved.yaml, summary.json} like a recipe run would.
 
     SFT: 100 steps x 16 samples, 1 s/step, evals every 20 steps; OPD: 60 steps x 8 samples, 2 s/step,
@@ -93,7 +93,8 @@ def make_run(root: Path, name: str = "demo", *, recipe_name: str | None = None, 
                    {"name": "final", "kind": "eval"}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if write_recipe:
-        recipe = {"name": recipe_name or name, "model": "demo", "seed": 0, "stages": stages}
+        recipe = {"name": recipe_name or name, "model": "demo", "seed": seed, "output_dir": f"runs/{name}",
+                  "stages": stages}
         (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return run
 
@@ -270,3 +271,47 @@ def test_flatten_and_settings_diff_lists_exactly_the_differing_keys():
     assert diff.loc["c", "stages.1.lora.alpha"] == "(absent)"
     assert curves.settings_diff({"a": base, "c": third}).columns.tolist() == []
     assert "name" in curves.settings_diff({"a": base, "b": other}, ignore=()).columns
+
+
+def _set_recipe(run: Path, **changes) -> None:
+    recipe = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = recipe
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def test_seed_groups_ignore_seed_and_bookkeeping_only(tmp_path):
+    s0, s1 = make_run(tmp_path, "s0"), make_run(tmp_path, "s1", shift=0.02, seed=1)
+    _set_recipe(s1, stages__1__eval_every=50, stages__3__save_every=8)  # how often it evaluates: same experiment
+    other_lr = make_run(tmp_path, "lr", lr=3e-5, seed=1)
+    other_steps = make_run(tmp_path, "steps", seed=2)
+    _set_recipe(other_steps, stages__3__steps=30)
+    recipes = {r.name: curves.read_recipe(r) for r in (s0, other_lr, s1, other_steps)}
+    assert curves.seed_groups(recipes) == {"s0": ["s0", "s1"], "lr": ["lr"], "steps": ["steps"]}
+    recipes["norecipe"] = None
+    assert curves.seed_groups(recipes)["norecipe"] == ["norecipe"]
+
+
+def test_across_seeds_mean_sd_min_max(tmp_path):
+    runs = [make_run(tmp_path, "s0"), make_run(tmp_path, "s1", shift=0.02, seed=1),
+            make_run(tmp_path, "s2", shift=0.05, seed=2), make_run(tmp_path, "alone", lr=3e-5)]
+    df = curves.load_runs(runs)
+    groups = curves.seed_groups({r.name: curves.read_recipe(r) for r in runs})
+    t = curves.across_seeds(df, groups, DOM, IF)
+    assert set(t.index.get_level_values(0)) == {"s0"}  # a group of one has no spread
+    sft_dom = t.loc[("s0", "after SFT: domain QA")]
+    # after SFT (the after-sft eval stage): domain .80 + shift for shifts 0, .02, .05
+    assert sft_dom["runs"] == 3
+    assert sft_dom["mean"] == pytest.approx((0.80 + 0.82 + 0.85) / 3)
+    assert sft_dom["sd"] == pytest.approx(pd.Series([0.80, 0.82, 0.85]).std(ddof=1))
+    assert (sft_dom["min"], sft_dom["max"]) == (pytest.approx(0.80), pytest.approx(0.85))
+    base_if = t.loc[("s0", "base: IF-eval")]
+    assert base_if["mean"] == pytest.approx(0.70) and base_if["sd"] == pytest.approx(0.0)
+    # IF recovery per run: (.67 - (.40 + shift)) / (.70 - (.40 + shift))
+    rec = [(0.67 - (0.40 + d)) / (0.70 - (0.40 + d)) for d in (0.0, 0.02, 0.05)]
+    assert t.loc[("s0", "IF recovery"), "mean"] == pytest.approx(sum(rec) / 3)
+    assert curves.across_seeds(df, {"s0": ["s0"], "alone": ["alone"]}, DOM, IF).empty

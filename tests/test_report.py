@@ -123,6 +123,25 @@ def test_comparison_of_runs_with_different_suites_uses_shared_metrics(tmp_path, 
     assert "No differences in the resolved recipes." in md  # same settings apart from the name
 
 
+def test_comparison_summarizes_repeats_across_seeds(tmp_path, no_render, capsys):
+    runs = [make_run(tmp_path, "s0"), make_run(tmp_path, "s1", seed=1, shift=0.02),
+            make_run(tmp_path, "lr3e-5", lr=3e-5)]
+    out = report.write_comparison(runs, tmp_path / "cmp")
+    md = (out / "report.md").read_text()
+    assert "## Across seeds" in md and "### s0: 2 runs, seeds 0, 1 (s0, s1)" in md
+    assert "| after SFT: domain QA | 2 | 0.810 | 0.014 | 0.800 | 0.820 |" in md
+    csv = (out / "across_seeds.csv").read_text().splitlines()
+    assert csv[0] == "experiment,quantity,runs,mean,sd,min,max" and all(r.startswith("s0,") for r in csv[1:])
+    assert "lr3e-5:" not in md.split("## Across seeds")[1].split("\n## ")[0]
+    from continual_opd.cli import main
+
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp-cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "across seeds:" in printed and "after SFT: domain QA     2 0.810 0.014 0.800 0.820" in printed
+    alone = report.write_comparison(runs[:1] + runs[2:], tmp_path / "cmp2")
+    assert "Across seeds" not in (alone / "report.md").read_text() and not (alone / "across_seeds.csv").exists()
+
+
 def test_load_runs_dirs_in_attrs(tmp_path):
     run = make_run(tmp_path)
     assert curves.load_runs([run]).attrs["run_dirs"] == {"demo": str(run)}
