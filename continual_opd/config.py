@@ -452,5 +452,14 @@ def _resolve_suite(ref: str, base: Path) -> str:
     return ref
 
 
+def normalized_recipe(raw: dict, source: str) -> dict:
+    """A resolved recipe read through today's schema, so options added since (with their defaults) do not make an
+    old run look different from a new one. A recipe the schema no longer accepts is returned as written."""
+    try:
+        return yaml.safe_load(recipe_to_yaml(validate_recipe_dict(raw, source)))
+    except ConfigError:
+        return raw
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -51,8 +51,9 @@ def headline_keys(run_dir: str | Path) -> tuple[str, str]:
     return h.get("domain_qa", DEFAULT_DOMAIN_KEY), h.get("if_eval", DEFAULT_IF_KEY)
 
 
-def read_recipe(run_dir: str | Path) -> dict | None:
-    """The run's `recipe.resolved.yaml` as a dict, or None when absent/unreadable."""
+def read_recipe(run_dir: str | Path, normalize: bool = False) -> dict | None:
+    """The run's `recipe.resolved.yaml` as a dict, or None when absent/unreadable. `normalize`: read through
+    today's schema (options added after the run show their defaults), for comparing runs made by other versions."""
     path = Path(run_dir) / "recipe.resolved.yaml"
     if not path.is_file():
         return None
@@ -61,7 +62,13 @@ def read_recipe(run_dir: str | Path) -> dict | None:
     except yaml.YAMLError as e:
         warnings.warn(f"{path}: unreadable YAML ({e.__class__.__name__}); ignoring it", stacklevel=2)
         return None
-    return recipe if isinstance(recipe, dict) else None
+    if not isinstance(recipe, dict):
+        return None
+    if normalize:
+        from continual_opd.config import normalized_recipe
+
+        recipe = normalized_recipe(recipe, str(path))
+    return recipe
 
 
 def _read_metrics(path: Path) -> list[dict]:

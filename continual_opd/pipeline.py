@@ -137,13 +137,9 @@ def fork_run(src: Path, run_dir: Path, n: int) -> None:
 def _normalized(resolved: Path) -> dict:
     """A run's recipe.resolved.yaml read through today's schema: options added since (with their defaults) do not
     make an old run look different. A file the schema no longer accepts is compared as written."""
-    from continual_opd.config import validate_recipe_dict
+    from continual_opd.config import normalized_recipe
 
-    raw = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    try:
-        return yaml.safe_load(recipe_to_yaml(validate_recipe_dict(raw, str(resolved))))
-    except ConfigError:
-        return raw
+    return normalized_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")), str(resolved))
 
 
 def check_output_dir(path: Path) -> None:

@@ -428,7 +428,7 @@ def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, dom
                       for r in runs}, axis=1, sort=False).T
     blog.columns = [f"{p}: {m}" for p, m in blog.columns]
     blog.index.name = "run"
-    recipes = {r: curves.read_recipe(d) for r, d in zip(runs, dirs)}
+    recipes = {r: curves.read_recipe(d, normalize=True) for r, d in zip(runs, dirs)}
     diff = curves.settings_diff(recipes).T.rename_axis("setting")
     seeds = _across_seeds_blocks(df, recipes, out, domain_key, if_key)
     fg = pd.DataFrame({r: curves.forgetting(df, r) for r in runs}).loc[sorted(shared)].rename_axis("metric")

@@ -142,6 +142,28 @@ def test_comparison_summarizes_repeats_across_seeds(tmp_path, no_render, capsys)
     assert "Across seeds" not in (alone / "report.md").read_text() and not (alone / "across_seeds.csv").exists()
 
 
+def test_repeats_made_by_an_older_version_still_group(tmp_path, no_render):
+    """A run whose resolved recipe predates an option (here OPD's `sampler`/`vllm`) is read through today's
+    schema: it repeats a new run with another seed, and the option is not a 'setting that differs'."""
+    import yaml
+
+    from continual_opd.config import load_recipe, recipe_to_yaml
+
+    new = yaml.safe_load(recipe_to_yaml(load_recipe(Path(__file__).parents[1] / "recipes" / "personalize.yaml")))
+    opd = next(i for i, st in enumerate(new["stages"]) if st["kind"] == "opd")
+    old = yaml.safe_load(yaml.safe_dump(new))
+    del old["stages"][opd]["sampler"], old["stages"][opd]["vllm"]
+    runs = []
+    for name, seed, recipe in (("old", 0, old), ("new", 1, new)):
+        run = make_run(tmp_path, name, seed=seed)
+        (run / "recipe.resolved.yaml").write_text(yaml.safe_dump({**recipe, "seed": seed, "name": name}))
+        runs.append(run)
+    md = (report.write_comparison(runs, tmp_path / "cmp") / "report.md").read_text()
+    assert "### old: 2 runs, seeds 0, 1 (old, new)" in md
+    diff = md.split("## Settings that differ")[1].split("\n## ")[0]
+    assert "| seed | 0 | 1 |" in diff and "sampler" not in diff and "vllm" not in diff
+
+
 def test_load_runs_dirs_in_attrs(tmp_path):
     run = make_run(tmp_path)
     assert curves.load_runs([run]).attrs["run_dirs"] == {"demo": str(run)}
