@@ -328,7 +328,8 @@ DEFINITIONS = [
 def _across_seeds_blocks(df: pd.DataFrame, recipes: dict[str, dict | None], out: Path, domain_key: str,
                          if_key: str) -> list[tuple]:
     """Report blocks (and out/across_seeds.csv) for runs that repeat one recipe with other seeds; [] if none."""
-    table = curves.across_seeds(df, curves.seed_groups(recipes), domain_key, if_key)
+    groups = curves.seed_groups(recipes)
+    table = curves.across_seeds(df, groups, domain_key, if_key)
     if not len(table):
         return []
     out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +339,7 @@ def _across_seeds_blocks(df: pd.DataFrame, recipes: dict[str, dict | None], out:
                                  "write and evaluate) are one experiment; sd is the sample standard deviation. "
                                  "Also in across_seeds.csv.")]
     for label in dict.fromkeys(table.index.get_level_values(0)):
-        members = curves.seed_groups(recipes)[label]
+        members = groups[label]
         blocks += [("h3", f"{label}: {len(members)} runs, seeds "
                           + ", ".join(str((recipes[r] or {}).get("seed", "?")) for r in members)
                           + f" ({', '.join(members)})"),
