@@ -27,9 +27,12 @@ def _parser() -> argparse.ArgumentParser:
                    "an earlier run (e.g. sweep the OPD stage from one SFT checkpoint)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    v = sub.add_parser("validate", help="check a recipe without running it")
+    v = sub.add_parser("validate", help="run every check of a recipe that needs no model weights")
     v.add_argument("path")
     v.add_argument("overrides", nargs="*")
+    v.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="check the batch splits of a launch with N processes (accelerate launch --num_processes N)")
+    v.add_argument("--resume", action="store_true", help="check that output_dir holds a run that --resume continues")
 
     e = sub.add_parser("eval", help="run eval suites on a model")
     e.add_argument("--model", required=True,
@@ -119,13 +122,17 @@ def _dispatch(args) -> int:
         datasets.disable_progress_bars()
 
     if args.command == "validate":
-        from continual_opd.pipeline import preflight
+        from continual_opd.errors import ConfigError
+        from continual_opd.preflight import preflight
 
+        if args.num_processes < 1:
+            raise ConfigError(f"--num-processes {args.num_processes}: must be >= 1")
         recipe = load_recipe(args.path, args.overrides)
-        preflight(recipe)  # data files and suites exist and parse
+        preflight(recipe, num_processes=args.num_processes, resume=args.resume)  # every check but the weights
         kinds = " → ".join(f"{s.name}({s.kind})" for s in recipe.stages)
         if _speaks():
-            print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}")
+            procs = f"; {args.num_processes} processes" if args.num_processes > 1 else ""
+            print(f"ok: {args.path}: {recipe.name}: {kinds}; output_dir={recipe.output_dir}{procs}")
         return 0
     if args.command == "recipe":
         from continual_opd.pipeline import run_recipe
@@ -194,9 +201,7 @@ def _eval(args) -> int:
     progress = not args.no_progress
     t0 = time.perf_counter()
     # several processes (accelerate launch): rank 0 converts/builds first; prompts are split and gathered
-    base = distributed.on_main(lambda: models.resolve_base(cfg, args.cache_dir, progress=progress))
-    if not distributed.is_main():
-        base = models.resolve_base(cfg, args.cache_dir, progress=False)
+    base = models.resolve_base_once(cfg, args.cache_dir, progress=progress)
     tok = models.load_tokenizer(base, cfg)
     model = models.load_model(models.ModelRef(base), cfg)
     log.info("model %s ready in %.1f s (%s)", args.model, time.perf_counter() - t0, next(model.parameters()).dtype)
@@ -230,7 +235,7 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def _check_out(out: Path) -> None:
-    from continual_opd.pipeline import check_output_dir
+    from continual_opd.rundir import check_output_dir
 
     check_output_dir(out)
     if out.exists() and any(out.iterdir()):

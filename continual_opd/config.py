@@ -9,16 +9,69 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from continual_opd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(BaseModel):
+    """Where a teacher (or another model a stage reads) comes from; written in a recipe as one string:
+
+        snapshot:<name>   a model this run had earlier: snapshot:base, snapshot:before-<stage>, snapshot:after-<stage>
+        a local path      a directory with config.json (relative paths resolve against the recipe's folder)
+        a hub id          e.g. Qwen/Qwen3-32B (downloaded, or found in the local hub cache when offline)
+
+    Parsed once here, so every consumer asks `.kind` instead of parsing the string again. It serializes back to the
+    same string, so a resolved recipe reads as the user wrote it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["snapshot", "path", "hub"]
+    name: str  # the snapshot name (no `snapshot:` prefix), the path, or the hub id
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value):
+        if isinstance(value, str):
+            return cls.parse_fields(value)
+        if isinstance(value, dict) and set(value) == {"kind", "name"}:
+            return value
+        raise ValueError("expected one string: snapshot:<name>, a local path or a hub id")
+
+    @staticmethod
+    def parse_fields(text: str) -> dict:
+        text = text.strip()
+        if not text or text == "snapshot:":
+            raise ValueError("empty model reference; use snapshot:<name>, a local path or a hub id")
+        if text.startswith("snapshot:"):
+            return {"kind": "snapshot", "name": text.removeprefix("snapshot:")}
+        looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text).expanduser().exists()
+        return {"kind": "path" if looks_local else "hub", "name": text}
+
+    @model_serializer
+    def _as_text(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        return f"snapshot:{self.name}" if self.kind == "snapshot" else self.name
+
+    def snapshot_in(self, snapshots: Mapping[str, T], where: str) -> T:
+        """This snapshot's entry in `snapshots` (the names that exist at this point of the stage order); a missing
+        name is a one-line error naming `where` (the recipe field) and the names available there."""
+        if self.name not in snapshots:
+            raise ConfigError(f"{where}: no snapshot named {self.name!r}; available here: "
+                              f"{', '.join('snapshot:' + k for k in snapshots)}")
+        return snapshots[self.name]
 
 
 class ModelConfig(Strict):
@@ -64,7 +117,7 @@ class SelfChatConfig(Strict):
 
     prompts: list[str]  # prompt .jsonl files (IFEval schema, {"prompt"}, {"messages"} or {"question"})
     # Who answers: snapshot:base (the recipe's starting model) or snapshot:before-/after-<stage> of an earlier stage.
-    model: str = "snapshot:base"
+    model: ModelSource = ModelSource(kind="snapshot", name="base")
     num_prompts: int | None = Field(None, gt=0)  # the first N prompts of the files, in order (None: all)
     max_new_tokens: int = Field(256, gt=0)  # answer length cap
     # 1.0 samples from the model's own distribution: SFT on such samples leaves the model unchanged in expectation
@@ -78,8 +131,8 @@ class SelfChatConfig(Strict):
     def _check(self):
         if not self.prompts:
             raise ValueError("`prompts` is empty; list at least one prompts .jsonl for the model to answer")
-        if not self.model.startswith("snapshot:"):
-            raise ValueError(f"model {self.model!r}: use snapshot:base or snapshot:before-/after-<stage>")
+        if self.model.kind != "snapshot":
+            raise ValueError(f"model {str(self.model)!r}: use snapshot:base or snapshot:before-/after-<stage>")
         return self
 
 
@@ -167,7 +220,7 @@ class VLLMConfig(Strict):
 
 class OPDStage(TrainStageBase):
     kind: Literal["opd"]  # on-policy distillation: the student samples, the teacher scores every token
-    teacher: str = "snapshot:base"  # snapshot:<name> (see README), a local path, or a hub id
+    teacher: ModelSource = ModelSource(kind="snapshot", name="base")  # snapshot:<name>, a local path, or a hub id
     prompts: list[str] = Field(default_factory=list)  # .jsonl (IFEval schema, {"prompt"} or {"messages"})
     doc_prompts: list[str] = Field(default_factory=list)  # optional QA .jsonl whose questions become prompts
     doc_prompt_fraction: float = Field(0.0, ge=0, le=1)  # share of each step's prompts drawn from doc_prompts
@@ -436,8 +489,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             s.prompts = [_resolve(p, base) for p in s.prompts]
             s.doc_prompts = [_resolve(p, base) for p in s.doc_prompts]
             fix_data(s.replay.data)
-            if not s.teacher.startswith("snapshot:") and (base / s.teacher).exists():
-                s.teacher = str((base / s.teacher).resolve())
+            if s.teacher.kind != "snapshot" and (base / s.teacher.name).exists():
+                s.teacher = ModelSource(kind="path", name=str((base / s.teacher.name).resolve()))
     if recipe.model.name != "demo" and (base / recipe.model.name).exists():
         recipe.model.name = str((base / recipe.model.name).resolve())
     if recipe.cache_dir:

@@ -93,6 +93,9 @@ def _load_one(run_dir: Path, name: str, recipe: dict | None) -> pd.DataFrame:
     if run_dir.is_file() and run_dir.name == "metrics.jsonl":
         run_dir = run_dir.parent
     path = run_dir / "metrics.jsonl"
+    if run_dir.is_file():
+        raise DataError(f"{run_dir}: is a file, not a run directory; pass the directory a recipe run wrote "
+                        f"(runs/<name>){', e.g. ' + str(run_dir.parent) if (run_dir.parent / 'metrics.jsonl').is_file() else ''}")
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run directory not found; pass the directory a recipe run wrote (runs/<name>)")
     if not path.is_file():
@@ -434,10 +437,13 @@ def _repeat_free(key: str) -> bool:
 def seed_groups(recipes: dict[str, dict | None]) -> dict[str, list[str]]:
     """Runs grouped by resolved recipe, ignoring `seed` and the REPEAT_FREE settings, in first-seen order.
 
-    Returns {label: [run, ...]}; the label is the group's first run. A run without a recipe is its own group.
+    Returns {label: [run, ...]}; the label is the group's first run. The runs of a group have distinct seeds: a run
+    that repeats a seed already in its group (a rerun, not another seed) starts a group of its own, and so does a run
+    without a recipe.
     """
     groups: dict[str, list[str]] = {}
     by_settings: dict[str, str] = {}
+    seeds: dict[str, set] = {}
     for run, recipe in recipes.items():
         if not isinstance(recipe, dict):
             groups[run] = [run]
@@ -445,6 +451,9 @@ def seed_groups(recipes: dict[str, dict | None]) -> dict[str, list[str]]:
         sig = json.dumps({k: v for k, v in flatten(recipe).items() if not _repeat_free(k)},
                          default=repr, sort_keys=True)
         label = by_settings.setdefault(sig, run)
+        if recipe.get("seed") in seeds.setdefault(label, set()):
+            label = run
+        seeds.setdefault(label, set()).add(recipe.get("seed"))
         groups.setdefault(label, []).append(run)
     return groups
 

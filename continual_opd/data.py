@@ -261,12 +261,16 @@ def build_pools(data_cfg, tokenizer, max_seq_len: int, chat_template_kwargs: dic
     return pools
 
 
-def check_sources(data_cfg) -> None:
-    """Load every source once (no tokenizer needed) so bad data fails before any model work starts."""
+def check_sources(data_cfg, where: str = "") -> None:
+    """Load every source once (no tokenizer needed) so bad data fails before any model work starts. `where` (e.g.
+    `recipe.yaml: stages.1.data`) names the recipe field in errors about `hf:` sources, which have no file to name."""
     w = data_cfg.mix
-    if w.get("documents", 0) > 0:
-        load_documents(data_cfg.documents)
-    if w.get("chat", 0) > 0 and data_cfg.chat:  # self-chat answers do not exist yet: their prompts are checked
-        load_chat(data_cfg.chat)
-    if w.get("qa", 0) > 0:
-        load_qa(data_cfg.qa)
+    # self-chat answers do not exist yet (their prompts are checked by preflight), so chat may list no file
+    for kind, load in (("documents", load_documents), ("chat", load_chat), ("qa", load_qa)):
+        if w.get(kind, 0) > 0 and getattr(data_cfg, kind):
+            try:
+                load(getattr(data_cfg, kind))
+            except DataError as e:
+                if where and str(e).startswith("hf:"):
+                    raise DataError(f"{where}.{kind}: {e}") from None
+                raise

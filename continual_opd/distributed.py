@@ -96,6 +96,13 @@ def all_sum_list(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the ranks, in one all-reduce (every rank must pass the same keys); the values
+    themselves for one process."""
+    keys = sorted(values)
+    return dict(zip(keys, all_sum_list([values[k] for k in keys])))
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only and give its result to every rank. A ContinualOPDError there is raised on every
     rank (same message), so no rank is left waiting in a collective that the failed one never reaches."""

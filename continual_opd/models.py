@@ -8,6 +8,7 @@ directory of full weights and `adapter` an optional PEFT adapter directory. Snap
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -61,6 +62,15 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | None, progress: bool = True)
     return str(gguf.package_dir(cfg.name)) if cfg.name.startswith(gguf.PACKAGE_PREFIX) else cfg.name
 
 
+def resolve_base_once(cfg: ModelConfig, cache_dir: str | None, progress: bool = True) -> str:
+    """`resolve_base` in a multi-process run: rank 0 builds the demo model or converts a GGUF file, then the other
+    ranks find it in the cache (one process: just `resolve_base`)."""
+    from continual_opd import distributed
+
+    base = distributed.on_main(lambda: resolve_base(cfg, cache_dir, progress=progress))
+    return base if distributed.is_main() else resolve_base(cfg, cache_dir, progress=False)
+
+
 def check_source(cfg: ModelConfig) -> None:
     """What `resolve_base` would reject, without building, converting or downloading anything (for preflight)."""
     from continual_opd import gguf
@@ -84,9 +94,18 @@ def check_model_ref(name: str, field: str, revision: str | None = None) -> None:
     """A local directory must hold a model (config.json); a hub id must be cached when the hub is offline."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        found = [path / f for f in ("config.json", "adapter_config.json") if (path / f).is_file()]
+        if not found:
             raise ModelError(f"{field} {name!r}: the directory holds no config.json, so it is not a model; point it at "
                              "a model directory (config.json, weights, tokenizer)")
+        for f in found:  # a broken config would otherwise surface as "cannot load" after the run has started
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                where = f"{f}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(f)
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise ModelError(f"{where}: {field}: invalid JSON ({why}); repair the file or point {field} at "
+                                 "another model directory") from None
         return
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{field} {name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")

@@ -9,6 +9,7 @@ TensorBoard / W&B mirrors are optional and get the same rows as `suite/metric` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -52,6 +53,11 @@ class MetricsSink:
     # ------------------------------------------------------------------ state
     def set_stage(self, name: str, index: int, kind: str, global_offset: int) -> None:
         self.stage, self.stage_index, self.kind, self.global_offset = name, index, kind, global_offset
+
+    def add_counts(self, *, tokens: int = 0, samples: int = 0) -> None:
+        """Training tokens and samples seen since the last call; every row carries the run's running totals."""
+        self.tokens += int(tokens)
+        self.samples += int(samples)
 
     @property
     def wall(self) -> float:
@@ -104,6 +110,16 @@ class MetricsSink:
         if keep:
             self.tokens, self.samples = int(keep[-1].get("tokens", 0)), int(keep[-1].get("samples", 0))
         return len(rows) - len(keep)
+
+
+@contextlib.contextmanager
+def timed(name: str, stats: dict[str, float]):
+    """Add the wall time of the block to `stats[name]` (seconds; summed when the block runs several times)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats[name] = stats.get(name, 0.0) + time.perf_counter() - t0
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -140,6 +140,16 @@ CASES = [
      lambda r: _override(r, "stages.1.data.self_chat={prompts: [prompts.jsonl], model: gpt-4}"),
      "{root}/recipe.yaml: command-line override 'stages.1.data.self_chat={prompts: [prompts.jsonl], model: gpt-4}': "
      "stages.1.data.self_chat: model 'gpt-4': use snapshot:base or snapshot:before-/after-<stage>"),
+    ("output_dir holds other files", lambda r: _set(r, "run/notes.txt", "mine"),
+     "{root}/run: output_dir is not empty (1 entry: notes.txt) and holds no run; pick a new output_dir=... or move "
+     "those files away (nothing was changed)"),
+    ("output_dir holds a run", lambda r: _set(r, "run/recipe.resolved.yaml", "name: t\n"),
+     "{root}/run: output_dir holds a run (recipe.resolved.yaml and 1 entry: recipe.resolved.yaml); continue it with "
+     "--resume, or pick a new output_dir=... (nothing was changed)"),
+    ("model config.json is not JSON", lambda r: [*_set(r, "m/config.json", '{"model_type": "llama",\n oops}'),
+                                                 f"model.name={r / 'm'}"],
+     "{root}/m/config.json:2: model.name: invalid JSON (Expecting property name enclosed in double quotes); repair "
+     "the file or point model.name at another model directory"),
     ("unknown sampler", lambda r: _override(r, "stages.2.sampler=sglang"),
      "{root}/recipe.yaml: command-line override 'stages.2.sampler=sglang': stages.2.sampler: Input should be 'hf' or "
      "'vllm' (got 'sglang')"),
@@ -152,6 +162,7 @@ def _write(path: Path, data: bytes) -> str:
 
 
 def _set(root: Path, rel: str, data: bytes | str) -> list[str]:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_bytes(data if isinstance(data, bytes) else data.encode())
     return [str(root / "recipe.yaml")]
 
@@ -207,16 +218,18 @@ def test_offline_hf_dataset_source(tmp_path, capsys):
     for command in ("validate", "recipe"):
         assert main([command, str(recipe), "stages.1.data.documents=[hf:example-org/no-such-dataset]"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: hf:example-org/no-such-dataset: cannot load the dataset (")
+        # names the recipe file and field: an hf: source has no file of its own to name
+        assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.1.data.documents: "
+                                                   "hf:example-org/no-such-dataset: cannot load the dataset (")
         assert err[0].endswith("check the name and split, or download it first and point the recipe at local .jsonl files")
     assert not (tmp_path / "run").exists()
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    import continual_opd.pipeline as pipeline
+    import continual_opd.preflight as preflight
 
     recipe = _world(tmp_path)
-    monkeypatch.setattr(pipeline, "preflight", lambda r: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(preflight, "preflight", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert main(["validate", str(recipe)]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: internal error (RuntimeError: boom); rerun with --debug for the traceback and report it")
@@ -243,3 +256,56 @@ def test_teacher_with_another_tokenizer_fails_in_validate(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.2.teacher: teacher '{tmp_path / 'teacher'}' "
                                                    f"and student '{tmp_path / 'student'}' have different vocabularies")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, n_ok, expected", [
+    ([], 1, "stages.1.batch_size: 16 does not split over 3 processes; use a multiple of 3"),
+    (["stages.1.batch_size=3"], 1,
+     "stages.2.prompts_per_step: 16 does not split over 3 processes; use a multiple of 3"),
+    (["stages.1.batch_size=3", "stages.2.prompts_per_step=6",
+      "stages.2.replay={batch_size: 4, data: {qa: [qa.jsonl], mix: {qa: 1.0}}}"], 1,
+     "stages.2.replay.batch_size: 4 does not split over 3 processes; use a multiple of 3"),
+    (["stages.1.batch_size=6", "stages.2.prompts_per_step=6", "stages.2.sampler=vllm",
+      "stages.2.vllm.tensor_parallel_size=2"], 2,
+     "stages.2.vllm.tensor_parallel_size: 2 does not divide the 3 processes; use a divisor of 3"),
+])
+def test_validate_checks_the_splits_of_a_launch(tmp_path, capsys, overrides, n_ok, expected):
+    """Per-update counts are over all processes: `validate --num-processes N` checks what a launch with N needs."""
+    recipe = _world(tmp_path)
+    assert main(["validate", str(recipe), *overrides, "--num-processes", str(n_ok)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["validate", str(recipe), *overrides, "--num-processes", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {recipe}: {expected}"]
+
+
+def test_validate_passes_a_launch_whose_counts_split(tmp_path, capsys):
+    recipe = _world(tmp_path)
+    assert main(["validate", str(recipe), "stages.1.batch_size=6", "stages.2.prompts_per_step=6",
+                 "--num-processes", "3"]) == 0
+    assert capsys.readouterr().out.strip().endswith("; 3 processes")
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (None, "{root}/run: nothing to resume: output_dir does not exist; run without --resume to start a run there"),
+    ("notes.txt", "{root}/run: nothing to resume: output_dir holds 1 entry: notes.txt but no recipe.resolved.yaml, so "
+                  "it is not a continual-opd run; run without --resume to start a run there, or pick a new "
+                  "output_dir=..."),
+])
+def test_resume_says_what_the_output_dir_holds(tmp_path, capsys, setup, expected):
+    """`validate --resume` and `recipe --resume` agree, and neither sends the user to the other flag in a loop."""
+    recipe = _world(tmp_path)
+    if setup:
+        _set(tmp_path, f"run/{setup}", "mine")
+    before = _tree_hash(tmp_path)
+    for command in ("validate", "recipe"):
+        assert main([command, str(recipe), "--resume"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {expected.replace('{root}', str(tmp_path))}"]
+    assert _tree_hash(tmp_path) == before
+
+
+def test_report_on_a_file_says_it_is_a_file(tmp_path, capsys):
+    target = tmp_path / "summary.json"
+    target.write_text("{}")
+    assert main(["report", str(target)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {target}: is a file, not a run directory; pass the directory a recipe run wrote (runs/<name>)"]

@@ -296,6 +296,14 @@ def test_seed_groups_ignore_seed_and_bookkeeping_only(tmp_path):
     assert curves.seed_groups(recipes)["norecipe"] == ["norecipe"]
 
 
+def test_runs_with_the_same_seed_are_not_an_across_seeds_group(tmp_path):
+    """A rerun with the same seed measures nondeterminism, not seed variance: it is not grouped with its twin."""
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", shift=0.02)
+    c = make_run(tmp_path, "c", seed=1)
+    recipes = {r.name: curves.read_recipe(r) for r in (a, b, c)}
+    assert curves.seed_groups(recipes) == {"a": ["a", "c"], "b": ["b"]}
+
+
 def test_across_seeds_mean_sd_min_max(tmp_path):
     runs = [make_run(tmp_path, "s0"), make_run(tmp_path, "s1", shift=0.02, seed=1),
             make_run(tmp_path, "s2", shift=0.05, seed=2), make_run(tmp_path, "alone", lr=3e-5)]

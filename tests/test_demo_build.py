@@ -66,6 +66,26 @@ def test_second_call_reuses_the_cache(tiny_dir, monkeypatch):
     assert ensure_demo_model(tiny_dir.parent, DemoModelConfig.tiny(), progress=False) == tiny_dir
 
 
+def test_a_killed_build_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """A build killed mid-way (no `finally`) leaves its temporary folder; the next build removes it, but not the
+    folder of a build that is still running."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / f".tmp-demo-model-{dead.stdout.strip()}@{host}-abc"
+    running = tmp_path / f".tmp-demo-model-{os.getpid()}@{host}-def"
+    other_host = tmp_path / f".tmp-demo-model-{dead.stdout.strip()}@another-host-ghi"
+    for d in (killed, running, other_host):
+        d.mkdir()
+    monkeypatch.setattr(build, "_build", lambda out, *a, **k: (out / "build_info.json").write_text("{}"))
+    ensure_demo_model(tmp_path, DemoModelConfig.tiny(), progress=False)
+    assert sorted(p.name for p in tmp_path.glob(".tmp-demo-model-*")) == sorted([running.name, other_host.name])
+
+
 def test_cache_root_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CONTINUAL_OPD_CACHE", str(tmp_path))
     assert build.cache_root() == tmp_path

@@ -256,7 +256,7 @@ def test_sampled_loss_value_is_sampled_kl_and_ratio_is_one_on_policy():
     loss.backward()
     grad_default = s.grad.clone()
     s.grad = None
-    loss2, _ = sampled_reverse_kl_loss(s, q, mask, sampler_logprobs_BT=s.detach().clone())
+    loss2, _ = sampled_reverse_kl_loss(s, q, mask, sampler_logprobs_BL=s.detach().clone())
     loss2.backward()
     assert loss2.item() == loss.item()
     assert torch.equal(s.grad, grad_default)
@@ -269,7 +269,7 @@ def test_sampled_importance_ratio_off_policy():
     s = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     q = torch.tensor([[-1.5, -1.0, -0.5]])
     sampler = torch.tensor([[-1.2, -2.0, -0.1]])
-    loss, stats = sampled_reverse_kl_loss(s, q, mask, sampler_logprobs_BT=sampler)
+    loss, stats = sampled_reverse_kl_loss(s, q, mask, sampler_logprobs_BL=sampler)
     loss.backward()
     ratio = torch.exp(s.detach() - sampler)
     advantage = q - s.detach()

@@ -112,7 +112,7 @@ def test_existing_run_dir_is_never_overwritten(world, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(RunDirError, match="exists and is not empty"):
+    with pytest.raises(RunDirError, match="output_dir is not empty .1 entry: keep.txt. and holds no run"):
         run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 

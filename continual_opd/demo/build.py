@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -114,7 +115,8 @@ def ensure_demo_model(cache_dir: str | Path | None = None, config: DemoModelConf
     if (final / "build_info.json").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-demo-model-"))
+    _remove_stale_builds(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-demo-model-{os.getpid()}@{socket.gethostname()}-"))
     try:
         _build(tmp, config, data_dir, progress)
         try:
@@ -125,6 +127,27 @@ def ensure_demo_model(cache_dir: str | Path | None = None, config: DemoModelConf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Delete the temporary folders of builds whose process is gone (killed mid-way: `finally` never ran). The folder's
+    name holds the builder's pid and host: a live build (another rank or job, here or on a host sharing the cache) is
+    left alone."""
+    host = socket.gethostname()
+    for d in root.glob(".tmp-demo-model-*"):
+        pid, _, rest = d.name.removeprefix(".tmp-demo-model-").partition("@")
+        if pid.isdigit() and rest.rsplit("-", 1)[0] == host and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,86 +1,69 @@
-"""Training stages and the typed interface between them and the pipeline.
+"""Stages and the typed interface between them and the pipeline.
 
-A stage is a function `run_<kind>(stage_config, ctx: StageContext) -> StageResult`: it trains `ctx.model` (it may
-return a different object, e.g. the model TRL wraps), evaluates on the recipe's cadence through `ctx`, checkpoints
-into `ctx.stage_dir`, and returns what it produced. The pipeline calls `run_sft` / `run_opd` by name; it decides the
-order, snapshots and resume, and stages do not know about each other.
+A stage kind is three things: a schema class in config.py (`kind: Literal[...]`), one module here with
+`run_<kind>(stage_config, ctx: StageContext) -> StageResult`, and one line in `RUNNERS`. A stage trains (or only
+evaluates) `ctx.model`, evaluates through `ctx.evaluate` on its cadence, checkpoints into `ctx.stage_dir`, and returns
+what it produced. The pipeline decides the order, snapshots and resume; stages do not know about each other.
 """
 
 from __future__ import annotations
 
-import time
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from continual_opd import models
-from continual_opd.config import Recipe
-from continual_opd.errors import ConfigError
+from continual_opd.config import ModelConfig, ModelSource
 from continual_opd.tracking import MetricsSink
+
+# kind -> "module:function", imported when a stage of that kind runs (SFT imports TRL, OPD may import vLLM)
+RUNNERS = {
+    "eval": "continual_opd.stages.eval:run_eval",
+    "sft": "continual_opd.stages.sft:run_sft",
+    "opd": "continual_opd.stages.opd:run_opd",
+}
+
+
+def runner(kind: str) -> Callable:
+    module, fn = RUNNERS[kind].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 @dataclass
 class StageResult:
-    model: torch.nn.Module  # the trained model (full weights, or the PEFT model with its adapter)
+    model: torch.nn.Module  # the model the stage ends with (full weights, or the PEFT model with its adapter)
     results: dict[str, float]  # the last eval point: {"suite/metric": value}
     steps: int  # optimizer steps done in the stage (its length, also after a resume)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
-    """What a training stage gets from the pipeline (read-only for the stage)."""
+    """What a stage gets from the pipeline. Frozen: a stage reports through `sink` (metrics, counters) and its
+    `StageResult`, never by changing the context."""
 
     model: torch.nn.Module  # the live model, prepared for the stage (LoRA adapter added, or full weights)
     tokenizer: object
-    recipe: Recipe
-    stage_index: int
+    model_config: ModelConfig  # how models load (dtype, revision, chat_template_kwargs, ...)
+    seed: int
+    where: str  # this stage in the recipe, for error messages: "recipes/x.yaml: stages.3"
     stage_dir: Path  # stages/NN-name/: checkpoints/ and evals/ go here
     sink: MetricsSink
     evaluate: Callable[[torch.nn.Module, int], dict]  # (model, step) -> {"suite/metric": value}; logs rows
     start_ref: models.ModelRef  # the model this stage started from (its base is a LoRA student's frozen base)
-    snapshots: dict[str, models.ModelRef]  # snapshot names usable as a teacher at this point of the recipe
+    snapshots: Mapping[str, models.ModelRef]  # snapshot names usable as a teacher at this point of the recipe
     resume_from: Path | None = None  # checkpoint directory to resume this stage from
     progress: bool = True
     checkpoint_meta: dict = field(default_factory=dict)  # written into every checkpoint's meta.json (+ step)
 
-    def resolve_teacher(self, teacher: str) -> models.ModelRef:
-        if teacher.startswith("snapshot:"):
-            name = teacher.removeprefix("snapshot:")
-            if name not in self.snapshots:
-                raise ConfigError(f"{self.recipe.source}: stages.{self.stage_index}.teacher: no snapshot named {name!r}; "
-                                  f"available here: {', '.join('snapshot:' + k for k in self.snapshots)}")
-            return self.snapshots[name]
-        return models.ModelRef(base=teacher)
+    @property
+    def chat_template_kwargs(self) -> dict:
+        return self.model_config.chat_template_kwargs
 
-
-class EvalCadence:
-    """When a training stage evaluates, and the time split it logs; shared by SFT and OPD.
-
-    Evals run every `eval_every` steps and at the last step; each eval point also logs `train_s` (wall time in
-    the stage so far, minus evals) and `eval_total_s`. A stage resumed from its last step has nothing left to
-    train: `final` then evaluates once, so every stage ends with results.
-    """
-
-    def __init__(self, stage, ctx: StageContext):
-        self.stage, self.ctx = stage, ctx
-        self.eval_s = 0.0
-        self.results: dict[str, float] = {}
-        self._t_start = time.time()
-
-    def due(self, step: int) -> bool:
-        return step == self.stage.steps or bool(self.stage.eval_every and step % self.stage.eval_every == 0)
-
-    def evaluate(self, model, step: int) -> dict[str, float]:
-        t0 = time.time()
-        self.results = self.ctx.evaluate(model, step)
-        self.eval_s += time.time() - t0
-        self.ctx.sink.log(step, "time", {"train_s": time.time() - self._t_start - self.eval_s,
-                                         "eval_total_s": self.eval_s})
-        return self.results
-
-    def final(self, model) -> StageResult:
-        if not self.results:  # resumed at the very end: nothing left to evaluate in this process
-            self.results = self.ctx.evaluate(model, self.stage.steps)
-        return StageResult(model=model, results=self.results, steps=self.stage.steps)
+    def resolve(self, source: ModelSource, field_name: str) -> models.ModelRef:
+        """A model reference of the recipe (`teacher`, `self_chat.model`) as loadable weights."""
+        if source.kind == "snapshot":
+            return source.snapshot_in(self.snapshots, f"{self.where}.{field_name}")
+        return models.ModelRef(base=source.name)

@@ -1,18 +1,19 @@
 """Losses for on-policy distillation (OPD): pure functions of tensors, no models, no state.
 
-Shapes are in the names: B = batch, T = time (response positions), V = vocabulary, N = masked positions.
+Shapes are in the names, in the package's notation (continual_opd/__init__.py): B = batch, L = response positions,
+V = vocabulary, N = masked positions.
 Every function upcasts half precision to fp32 (fp64 stays fp64), returns ``(loss, stats)`` where ``loss`` is a
 scalar with a gradient and ``stats`` is a dict of detached 0-dim fp32 tensors (call ``.item()`` when logging), and
-treats ``mask_BT`` as binary: positions with mask 0 contribute nothing to the loss, its gradient or the stats, whatever
+treats ``mask_BL`` as binary: positions with mask 0 contribute nothing to the loss, its gradient or the stats, whatever
 their values (even inf/nan). A mask with no ones gives loss 0 (still connected to the graph) and zero stats.
 
-Notation (DESIGN.md §3): for a sampled response token x_t in context c_t,
+Notation: for a sampled response token x_t in context c_t,
     s_t = log p_student(x_t | c_t),   q_t = log p_teacher(x_t | c_t),   m_t = 1 on response tokens.
 
     sampled_reverse_kl_loss   the reference method: needs only s_t, q_t of the sampled tokens (REINFORCE-style).
     full_reverse_kl_loss      exact KL(p_s || p_t) summed over the vocabulary at each position.
     generalized_jsd_loss      GKD family: beta=0 forward KL(p_t || p_s), beta=1 reverse KL, continuous in between.
-    forward_kl_loss           generalized_jsd_loss at beta=0 (the estimator that worked in FEASIBILITY.md).
+    forward_kl_loss           generalized_jsd_loss at beta=0.
     lm_loss                   next-token cross-entropy, e.g. for replaying SFT examples during OPD.
     gather_token_logprobs     logits -> log-probs of given tokens (to build s_t and q_t).
 
@@ -50,16 +51,16 @@ def _stat(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float()
 
 
-def gather_token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[token] at every position, in fp32: (B, T, V), (B, T) -> (B, T).
+def gather_token_logprobs(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] at every position, in fp32: (B, L, V), (B, L) -> (B, L).
 
-    Align before calling: ``logits_BTV[:, t]`` must be the distribution that produced ``tokens_BT[:, t]`` (for a causal
-    LM, the logits of position t-1 of the full sequence). Use the sampling temperature for the sampler's log-probs.
-    log p(x) = z_x - logsumexp(z), which avoids keeping a full (B, T, V) log-softmax for the backward pass.
+    Align before calling: ``logits_BLV[:, t]`` must be the distribution that produced ``tokens_BL[:, t]`` (for a causal
+    LM, the logits of position P + t - 1 of the full sequence). Use the sampling temperature for the sampler's log-probs.
+    log p(x) = z_x - logsumexp(z), which avoids keeping a full (B, L, V) log-softmax for the backward pass.
     """
-    logits_BTV = _upcast(logits_BTV) / temperature
-    picked_BT = logits_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
-    return picked_BT - torch.logsumexp(logits_BTV, dim=-1)
+    logits_BLV = _upcast(logits_BLV) / temperature
+    picked_BL = logits_BLV.gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
+    return picked_BL - torch.logsumexp(logits_BLV, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -67,33 +68,33 @@ def gather_token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, tem
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _discounted_returns(reward_BT: torch.Tensor, gamma: float) -> torch.Tensor:
-    """A_t = sum_{k>=0} gamma^k r_{t+k}, within each row (reward_BT is already zero where the mask is 0).
+def _discounted_returns(reward_BL: torch.Tensor, gamma: float) -> torch.Tensor:
+    """A_t = sum_{k>=0} gamma^k r_{t+k}, within each row (reward_BL is already zero where the mask is 0).
 
     Masked positions carry no reward but still count as a time step; with right-padded responses (the usual case)
     the masked positions all come after the last response token, so this is the discounted reward-to-go of the
-    response. Computed as A_t = r_t + gamma * A_{t+1}, a loop over T on (B,) tensors.
+    response. Computed as A_t = r_t + gamma * A_{t+1}, a loop over L on (B,) tensors.
     """
-    returns_BT = torch.empty_like(reward_BT)
-    running_B = torch.zeros_like(reward_BT[:, 0])
-    for t in range(reward_BT.shape[1] - 1, -1, -1):
-        running_B = reward_BT[:, t] + gamma * running_B
-        returns_BT[:, t] = running_B
-    return returns_BT
+    returns_BL = torch.empty_like(reward_BL)
+    running_B = torch.zeros_like(reward_BL[:, 0])
+    for t in range(reward_BL.shape[1] - 1, -1, -1):
+        running_B = reward_BL[:, t] + gamma * running_B
+        returns_BL[:, t] = running_B
+    return returns_BL
 
 
-def _normalize(per_token_BT: torch.Tensor, mask_BT: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Masked reduction of a (B, T) tensor that is already zero off the mask.
+def _normalize(per_token_BL: torch.Tensor, mask_BL: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Masked reduction of a (B, L) tensor that is already zero off the mask.
 
     "token":    sum_{b,t} x / sum_{b,t} m          every response token weighs the same (long responses weigh more).
     "sequence": mean over non-empty rows b of (sum_t x / sum_t m)   every response weighs the same.
     """
     if normalize == "token":
-        return per_token_BT.sum() / mask_BT.sum().clamp(min=1)
+        return per_token_BL.sum() / mask_BL.sum().clamp(min=1)
     if normalize == "sequence":
-        tokens_B = mask_BT.sum(dim=1)
+        tokens_B = mask_BL.sum(dim=1)
         nonempty_B = tokens_B > 0
-        per_seq_B = per_token_BT.sum(dim=1) / tokens_B.clamp(min=1)
+        per_seq_B = per_token_BL.sum(dim=1) / tokens_B.clamp(min=1)
         return (per_seq_B * nonempty_B).sum() / nonempty_B.sum().clamp(min=1)
     raise ValueError(f"normalize={normalize!r}: expected 'token' or 'sequence'")
 
@@ -105,11 +106,11 @@ _SAMPLED_STATS = (
 
 
 def sampled_reverse_kl_loss(
-    student_logprobs_BT: torch.Tensor,
-    teacher_logprobs_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
+    student_logprobs_BL: torch.Tensor,
+    teacher_logprobs_BL: torch.Tensor,
+    mask_BL: torch.Tensor,
     *,
-    sampler_logprobs_BT: torch.Tensor | None = None,
+    sampler_logprobs_BL: torch.Tensor | None = None,
     gamma: float = 0.0,
     normalize: Literal["token", "sequence"] = "token",
 ) -> tuple[torch.Tensor, Stats]:
@@ -137,33 +138,33 @@ def sampled_reverse_kl_loss(
     """
     if gamma < 0 or gamma > 1:
         raise ValueError(f"gamma={gamma}: expected 0 <= gamma <= 1")
-    on_BT = mask_BT > 0
+    on_BL = mask_BL > 0
     # torch.where, not multiplication: a masked position holding -inf/nan must not turn into nan
-    s_BT = torch.where(on_BT, _upcast(student_logprobs_BT), 0.0)
-    m_BT = on_BT.to(s_BT.dtype)
-    q_BT = torch.where(on_BT, _upcast(teacher_logprobs_BT).detach(), 0.0)
-    if sampler_logprobs_BT is None:
-        sampler_BT = s_BT.detach()
+    s_BL = torch.where(on_BL, _upcast(student_logprobs_BL), 0.0)
+    m_BL = on_BL.to(s_BL.dtype)
+    q_BL = torch.where(on_BL, _upcast(teacher_logprobs_BL).detach(), 0.0)
+    if sampler_logprobs_BL is None:
+        sampler_BL = s_BL.detach()
     else:
-        sampler_BT = torch.where(on_BT, _upcast(sampler_logprobs_BT).detach(), 0.0)
+        sampler_BL = torch.where(on_BL, _upcast(sampler_logprobs_BL).detach(), 0.0)
 
-    reward_BT = -(s_BT.detach() - q_BT)  # reverse KL = log p_student - log p_teacher; reward is its negative
-    advantage_BT = reward_BT if gamma == 0 else _discounted_returns(reward_BT, gamma)
-    ratio_BT = torch.exp(s_BT - sampler_BT)  # value 1 on-policy, gradient = grad s_t
-    per_token_BT = torch.where(on_BT, -ratio_BT * advantage_BT, 0.0)
-    loss = _normalize(per_token_BT, m_BT, normalize)
+    reward_BL = -(s_BL.detach() - q_BL)  # reverse KL = log p_student - log p_teacher; reward is its negative
+    advantage_BL = reward_BL if gamma == 0 else _discounted_returns(reward_BL, gamma)
+    ratio_BL = torch.exp(s_BL - sampler_BL)  # value 1 on-policy, gradient = grad s_t
+    per_token_BL = torch.where(on_BL, -ratio_BL * advantage_BL, 0.0)
+    loss = _normalize(per_token_BL, m_BL, normalize)
 
-    n = m_BT.sum()
+    n = m_BL.sum()
     if n == 0:
-        return loss, {k: _zero_like_stat(s_BT) for k in _SAMPLED_STATS}
+        return loss, {k: _zero_like_stat(s_BL) for k in _SAMPLED_STATS}
     with torch.no_grad():
-        ratio_on = ratio_BT[on_BT]
+        ratio_on = ratio_BL[on_BL]
         stats = {
-            "reverse_kl": _stat((s_BT - q_BT).sum() / n),
-            "student_entropy": _stat(-s_BT.sum() / n),
-            "student_logprob": _stat(s_BT.sum() / n),
-            "teacher_logprob": _stat(q_BT.sum() / n),
-            "advantage": _stat(advantage_BT[on_BT].mean()),
+            "reverse_kl": _stat((s_BL - q_BL).sum() / n),
+            "student_entropy": _stat(-s_BL.sum() / n),
+            "student_logprob": _stat(s_BL.sum() / n),
+            "teacher_logprob": _stat(q_BL.sum() / n),
+            "advantage": _stat(advantage_BL[on_BL].mean()),
             "ratio_mean": _stat(ratio_on.mean()),
             "ratio_max": _stat(ratio_on.max()),
             "num_tokens": _stat(n),
@@ -177,20 +178,20 @@ def sampled_reverse_kl_loss(
 
 
 def _masked_logprobs(
-    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, mask_BT: torch.Tensor, temperature: float
+    student_logits_BLV: torch.Tensor, teacher_logits_BLV: torch.Tensor, mask_BL: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep only masked positions (so padding/prompt logits can hold anything), upcast, log-softmax(z / T): (N, V).
+    """Keep only masked positions (so padding/prompt logits can hold anything), upcast, log-softmax(z / temperature): (N, V).
 
     The teacher is detached: gradients flow to the student only.
     """
-    if student_logits_BTV.shape != teacher_logits_BTV.shape:
+    if student_logits_BLV.shape != teacher_logits_BLV.shape:
         raise ValueError(
-            f"student logits {tuple(student_logits_BTV.shape)} and teacher logits {tuple(teacher_logits_BTV.shape)} "
-            "differ: full-vocabulary losses need the same (B, T, V); use sampled_reverse_kl_loss otherwise"
+            f"student logits {tuple(student_logits_BLV.shape)} and teacher logits {tuple(teacher_logits_BLV.shape)} "
+            "differ: full-vocabulary losses need the same (B, L, V); use sampled_reverse_kl_loss otherwise"
         )
-    on_BT = mask_BT > 0
-    logp_s_NV = F.log_softmax(_upcast(student_logits_BTV[on_BT]) / temperature, dim=-1)
-    logp_t_NV = F.log_softmax(_upcast(teacher_logits_BTV[on_BT].detach()) / temperature, dim=-1)
+    on_BL = mask_BL > 0
+    logp_s_NV = F.log_softmax(_upcast(student_logits_BLV[on_BL]) / temperature, dim=-1)
+    logp_t_NV = F.log_softmax(_upcast(teacher_logits_BLV[on_BL].detach()) / temperature, dim=-1)
     # A -inf logit (a banned token) gives log p = -inf, and -inf - (-inf) = nan in the divergences and their
     # gradients. exp(-1e4) is 0 in any float type, so the floor changes no probability and keeps everything finite.
     return logp_s_NV.clamp(min=_LOGP_FLOOR), logp_t_NV.clamp(min=_LOGP_FLOOR)
@@ -234,9 +235,9 @@ def _mean_N(per_token_N: torch.Tensor) -> torch.Tensor:
 
 
 def full_reverse_kl_loss(
-    student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor,
-    mask_BT: torch.Tensor,
+    student_logits_BLV: torch.Tensor,
+    teacher_logits_BLV: torch.Tensor,
+    mask_BL: torch.Tensor,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, Stats]:
     """Exact reverse KL, mean over masked positions of sum_v p_s(v) (log p_s(v) - log p_t(v)).
@@ -245,15 +246,15 @@ def full_reverse_kl_loss(
     student logits z at one position: p_s * (log p_s - log p_t - KL) / temperature; zero when p_s = p_t.
     stats: reverse_kl, forward_kl, student_entropy, teacher_entropy, num_tokens (per-token means, detached).
     """
-    logp_s_NV, logp_t_NV = _masked_logprobs(student_logits_BTV, teacher_logits_BTV, mask_BT, temperature)
+    logp_s_NV, logp_t_NV = _masked_logprobs(student_logits_BLV, teacher_logits_BLV, mask_BL, temperature)
     loss = _mean_N(_kl_N(logp_s_NV, logp_t_NV))
     return loss, _full_vocab_stats(logp_s_NV, logp_t_NV)
 
 
 def generalized_jsd_loss(
-    student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor,
-    mask_BT: torch.Tensor,
+    student_logits_BLV: torch.Tensor,
+    teacher_logits_BLV: torch.Tensor,
+    mask_BL: torch.Tensor,
     beta: float,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, Stats]:
@@ -276,7 +277,7 @@ def generalized_jsd_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta}: expected 0 <= beta <= 1 (0 = forward KL, 1 = reverse KL)")
-    logp_s_NV, logp_t_NV = _masked_logprobs(student_logits_BTV, teacher_logits_BTV, mask_BT, temperature)
+    logp_s_NV, logp_t_NV = _masked_logprobs(student_logits_BLV, teacher_logits_BLV, mask_BL, temperature)
     if beta == 0.0:
         jsd_N = per_token_N = _kl_N(logp_t_NV, logp_s_NV)
     elif beta == 1.0:
@@ -294,9 +295,9 @@ def generalized_jsd_loss(
 
 
 def forward_kl_loss(
-    student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor,
-    mask_BT: torch.Tensor,
+    student_logits_BLV: torch.Tensor,
+    teacher_logits_BLV: torch.Tensor,
+    mask_BL: torch.Tensor,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, Stats]:
     """Forward KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v)), mean over masked positions (beta = 0).
@@ -304,7 +305,7 @@ def forward_kl_loss(
     On the student's own samples this is "supervised" distillation of the teacher's full distribution at states the
     student visits; its gradient w.r.t. the student logits is (p_s - p_t) / temperature.
     """
-    return generalized_jsd_loss(student_logits_BTV, teacher_logits_BTV, mask_BT, beta=0.0, temperature=temperature)
+    return generalized_jsd_loss(student_logits_BLV, teacher_logits_BLV, mask_BL, beta=0.0, temperature=temperature)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -312,19 +313,19 @@ def forward_kl_loss(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, Stats]:
+def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, Stats]:
     """Next-token cross-entropy with the Hugging Face convention: labels are the input ids, unshifted.
 
-    logits_BTV[:, t] predicts labels_BT[:, t + 1]; positions whose label is ``ignore_index`` (prompt, padding) are
+    logits_BLV[:, t] predicts labels_BL[:, t + 1]; positions whose label is ``ignore_index`` (prompt, padding) are
     skipped. Mean over predicted tokens, in fp32: equals ``model(input_ids, labels=labels).loss``.
     stats: lm_loss, student_entropy, token_accuracy, num_tokens.
     """
-    on_BT = labels_BT[:, 1:] != ignore_index  # shift: position t predicts label t + 1
-    logits_NV = _upcast(logits_BTV[:, :-1][on_BT])
-    targets_N = labels_BT[:, 1:][on_BT]
+    on_BL = labels_BL[:, 1:] != ignore_index  # shift: position t predicts label t + 1
+    logits_NV = _upcast(logits_BLV[:, :-1][on_BL])
+    targets_N = labels_BL[:, 1:][on_BL]
     n = targets_N.numel()
     if n == 0:
-        zero = _zero_like_stat(logits_BTV)
+        zero = _zero_like_stat(logits_BLV)
         return logits_NV.sum() * 0.0, {k: zero for k in ("lm_loss", "student_entropy", "token_accuracy", "num_tokens")}
     loss = F.cross_entropy(logits_NV, targets_N, reduction="mean")
     with torch.no_grad():

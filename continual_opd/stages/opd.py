@@ -20,6 +20,7 @@ generate/teacher/student timings. The estimators themselves are pure functions i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -31,10 +32,12 @@ from tqdm.auto import tqdm
 from continual_opd import checkpoints, distributed, models
 from continual_opd.config import OPDStage
 from continual_opd.data import build_mixture, build_pools, read_prompts
-from continual_opd.errors import ConfigError, TrainingError
+from continual_opd.errors import TrainingError
 from continual_opd.generation import Rollouts
 from continual_opd.samplers import HFSampler, make_sampler
-from continual_opd.stages import EvalCadence, StageContext, StageResult, losses
+from continual_opd.evals.runner import EvalCadence
+from continual_opd.stages import StageContext, StageResult, losses
+from continual_opd.tracking import timed
 
 log = logging.getLogger(__name__)
 
@@ -123,82 +126,68 @@ def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *
     ranks' gradients), so N ranks × B/N rollouts give the gradient and the stats of one process with all B.
     Gradients are synchronized once, on the step's last backward.
     """
-    import contextlib
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    t_step = time.perf_counter()
     world = accelerator.num_processes if accelerator is not None else 1
     mask_BL, tokens_BL = rollouts.response_mask_BL, rollouts.tokens_BL
     L = mask_BL.shape[1]
-    n_tok_local = int(mask_BL.sum())
-    n_tok = int(distributed.all_sum(n_tok_local)) if world > 1 else n_tok_local
+    n_tok = int(distributed.all_sum(float(mask_BL.sum()))) if world > 1 else int(mask_BL.sum())  # all ranks' tokens
     config = getattr(student, "module", student).config
     mb = stage.micro_batch_size or auto_micro_batch_size(len(rollouts), L, config.vocab_size, stage.logits_budget_mb)
     starts = list(range(0, len(rollouts), mb))
     n_backward = len(starts) + (replay_batch is not None)
-
-    def sync(k: int):  # the k-th forward/backward of this step (0-based): only the last one syncs gradients
-        last = accelerator is None or k == n_backward - 1
-        return contextlib.nullcontext() if last else accelerator.no_sync(student)
-
-    def backward(x) -> None:
-        x.backward() if accelerator is None else accelerator.backward(x)
-
+    # this rank's share of the step's sums; summed over the ranks below
+    sums = {"distill_loss": 0.0, "rollouts": float(len(rollouts)), "truncated": float(rollouts.truncated_B.sum())}
+    times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
-    distill_loss, agg, t_teacher, t0 = 0.0, {}, 0.0, time.perf_counter()
     for k, i in enumerate(starts):
-        part_r = rollouts[i:i + mb]
-        tt = time.perf_counter()
-        with torch.no_grad():
-            t_logits_BLV = response_logits(teacher, part_r.ids_BT, part_r.attention_BT, part_r.positions_BT, L)
-        t_teacher += time.perf_counter() - tt
+        part = rollouts[i:i + mb]
+        with timed("time_teacher_s", times), torch.no_grad():
+            t_logits_BLV = response_logits(teacher, part.ids_BT, part.attention_BT, part.positions_BT, L)
         share = float(mask_BL[i:i + mb].sum()) / max(n_tok, 1)  # of all ranks' tokens
-        with sync(k):  # DDP decides at forward time whether this backward all-reduces
-            s_logits_BLV = response_logits(student, part_r.ids_BT, part_r.attention_BT, part_r.positions_BT, L)
-            part, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[i:i + mb], mask_BL[i:i + mb])
-            backward(part * share * world)
-        distill_loss += part.item() * share
+        with _grad_sync(accelerator, student, last=k == n_backward - 1):  # DDP decides this at forward time
+            s_logits_BLV = response_logits(student, part.ids_BT, part.attention_BT, part.positions_BT, L)
+            loss, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[i:i + mb], mask_BL[i:i + mb])
+            _backward(accelerator, loss * share * world)
+        sums["distill_loss"] += loss.item() * share
         for key, v in stats.items():
             if key != "num_tokens":
-                agg[key] = agg.get(key, 0.0) + float(v) * share
+                sums[key] = sums.get(key, 0.0) + float(v) * share
         del s_logits_BLV, t_logits_BLV
-    replay_loss = None
     if replay_batch is not None:
         r_ids, r_labels, r_attn = replay_batch
         r_loss, _ = losses.lm_loss(student(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
-        backward(stage.replay.weight * r_loss)  # the step's last backward: synced
-        replay_loss = r_loss.item()
-    keys = sorted(agg)
-    if world > 1:  # every rank's share of the sums, added up (one all-reduce)
-        totals = distributed.all_sum_list([distill_loss, *(agg[key] for key in keys), len(rollouts),
-                                           float(rollouts.truncated_B.sum()), (replay_loss or 0.0) / world])
-        distill_loss, agg = totals[0], dict(zip(keys, totals[1:1 + len(keys)]))
-        n_rollouts, n_truncated, replay_loss = totals[1 + len(keys)], totals[2 + len(keys)], \
-            (totals[3 + len(keys)] if replay_batch is not None else None)
-    else:
-        n_rollouts, n_truncated = len(rollouts), float(rollouts.truncated_B.sum())
-    loss = distill_loss
-    row: dict[str, float] = {}
-    if replay_loss is not None:
-        loss += stage.replay.weight * replay_loss
-        row["replay_loss"] = replay_loss
+        _backward(accelerator, stage.replay.weight * r_loss)  # the step's last backward: synced
+        sums["replay_loss"] = r_loss.item() / world  # the mean over ranks once summed
+    totals = distributed.sum_over_ranks(sums) if world > 1 else sums
+    loss = totals["distill_loss"] + stage.replay.weight * totals.get("replay_loss", 0.0)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(loss)
-    if accelerator is not None:
-        grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(params, stage.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    row.update({"loss": loss, "distill_loss": distill_loss, "teacher_kl": agg.get("reverse_kl", 0.0),
-                "student_entropy": agg.get("student_entropy", 0.0),
-                **{k: agg[k] for k in ("forward_kl", "teacher_entropy") if k in agg},
-                "response_len": n_tok / n_rollouts, "truncation_rate": n_truncated / n_rollouts,
-                "tokens_sampled": n_tok, "grad_norm": float(grad_norm), "lr": lr, "micro_batch_size": mb,
-                "time_teacher_s": t_teacher, "time_student_s": time.perf_counter() - t0 - t_teacher})
-    return row
+    n = totals["rollouts"]
+    return {"loss": loss, "distill_loss": totals["distill_loss"],
+            **({"replay_loss": totals["replay_loss"]} if "replay_loss" in totals else {}),
+            "teacher_kl": totals.get("reverse_kl", 0.0), "student_entropy": totals.get("student_entropy", 0.0),
+            **{k: totals[k] for k in ("forward_kl", "teacher_entropy") if k in totals},
+            "response_len": n_tok / n, "truncation_rate": totals["truncated"] / n, "tokens_sampled": n_tok,
+            "grad_norm": float(grad_norm), "lr": lr, "micro_batch_size": mb,
+            "time_teacher_s": times.get("time_teacher_s", 0.0),
+            "time_student_s": time.perf_counter() - t_step - times.get("time_teacher_s", 0.0)}
+
+
+def _grad_sync(accelerator, model, *, last: bool):
+    """Gradients are all-reduced on the step's last backward only (the others accumulate locally)."""
+    return contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model)
+
+
+def _backward(accelerator, loss: torch.Tensor) -> None:
+    loss.backward() if accelerator is None else accelerator.backward(loss)
 
 
 def lr_factor(i: int, stage: OPDStage) -> float:
@@ -216,55 +205,35 @@ def lr_factor(i: int, stage: OPDStage) -> float:
 
 
 def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
-    recipe, model, tok = ctx.recipe, ctx.model, ctx.tokenizer
-    tmpl_kw = recipe.model.chat_template_kwargs
-    teacher_ref = ctx.resolve_teacher(stage.teacher)
-    if teacher_ref.base != ctx.snapshots["base"].base or teacher_ref.adapter:
-        teacher_tok = models.load_tokenizer(teacher_ref.adapter or teacher_ref.base, recipe.model)
-        models.check_same_tokenization(tok, teacher_tok, tmpl_kw, student=recipe.model.name, teacher=stage.teacher)
+    model, tok, tmpl_kw = ctx.model, ctx.tokenizer, ctx.chat_template_kwargs
+    teacher_ref = _teacher(stage, ctx)
     chat_prompts, doc_prompts = load_prompts(stage)
+    replay = _replay_examples(stage, ctx)
     world, rank, writer = distributed.world_size(), distributed.rank(), distributed.is_main()
-    for field, n in (("prompts_per_step", stage.prompts_per_step), ("replay.batch_size", stage.replay.batch_size)):
-        if n % world:  # the recipe's numbers are per update, over all processes
-            raise ConfigError(f"{recipe.source}: stages.{ctx.stage_index}.{field}: {n} does not split over {world} "
-                              f"processes; use a multiple of {world}")
-    replay = None
-    if stage.replay.batch_size > 0:
-        pools = build_pools(stage.replay.data, tok, stage.replay.max_seq_len, tmpl_kw)
-        replay = build_mixture(pools, stage.replay.data.mix, stage.steps * stage.replay.batch_size, seed=recipe.seed).examples
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, stage))
     start = 0
     if ctx.resume_from is not None:  # every rank loads the same checkpoint before the model is wrapped
         start = checkpoints.load_training_state(ctx.resume_from, model, optimizer, scheduler)
-    accelerator, trained = None, model
-    if world > 1 or stage.sampler == "vllm":
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, is_initialized
-
-        # SFT's Trainer may have set up accelerate already (e.g. bf16): join that state rather than contradict it
-        mp = AcceleratorState().mixed_precision if is_initialized() else None
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+    accelerator, trained = _accelerator(stage, world), model
     if world > 1:  # DDP, or FSDP2 / ZeRO-3 as the accelerate config says; the scheduler stays ours (steps once)
         trained, optimizer = accelerator.prepare(model, optimizer)
         model = accelerator.unwrap_model(trained)  # generation, evals and checkpoints use the plain module
     sampler = make_sampler(stage, model, tok, accelerator, tmpl_kw)
     model.train()
-    cadence = EvalCadence(stage, ctx)
+    cadence = EvalCadence(stage, ctx.evaluate, ctx.sink)
     last_good = ctx.resume_from
-    n_samples = stage.prompts_per_step * stage.samples_per_prompt
     bar = tqdm(total=stage.steps, initial=start, desc=f"opd {stage.name}", unit="step",
                disable=not ctx.progress or not writer)
-    with models.teacher_view(model, teacher_ref, ctx.start_ref.base, recipe.model) as teacher:
+    with models.teacher_view(model, teacher_ref, ctx.start_ref.base, ctx.model_config) as teacher:
         for step in range(start + 1, stage.steps + 1):
             t0 = time.time()
-            rng = random.Random(recipe.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
+            rng = random.Random(ctx.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
             prompts = pick_prompts(chat_prompts, doc_prompts, stage.prompts_per_step, stage.doc_prompt_fraction, rng)
             if world > 1:  # each rank samples its share; seeded by (seed, step, rank), so a resume samples the same
                 prompts = distributed.shard_list(prompts)
-                torch.manual_seed((recipe.seed * 1_000_003 + step) * 1_009 + rank)
+                torch.manual_seed((ctx.seed * 1_000_003 + step) * 1_009 + rank)
 
             # 1. sample from the student (the same stop tokens as evals)
             rollouts = sampler.sample(prompts)
@@ -280,12 +249,12 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
                                replay_batch=replay_batch, accelerator=accelerator if world > 1 else None)
             except NonFiniteLoss as e:
                 raise TrainingError(f"stage {stage.name}: loss is {e.value} at step {step}; last good checkpoint: "
-                                    f"{last_good or 'none (stage start)'}; lower stages.{ctx.stage_index}.lr or check the teacher") from None
+                                    f"{last_good or 'none (stage start)'}; lower {ctx.where}.lr or check the "
+                                    "teacher") from None
             sampler.weights_changed()
 
             # 6. log
-            ctx.sink.tokens += row["tokens_sampled"]
-            ctx.sink.samples += n_samples
+            ctx.sink.add_counts(tokens=row["tokens_sampled"], samples=stage.prompts_per_step * stage.samples_per_prompt)
             ctx.sink.log(step, "opd", {**row, "time_generate_s": t_generate})
             bar.update(1)
             bar.set_postfix(kl=f"{row['teacher_kl']:.3f}", len=f"{row['response_len']:.1f}")
@@ -301,4 +270,34 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
                                                     {**ctx.checkpoint_meta, "step": step})
                 distributed.barrier()
     bar.close()
-    return cadence.final(model)
+    return StageResult(model=model, results=cadence.final(model), steps=stage.steps)
+
+
+def _teacher(stage: OPDStage, ctx: StageContext) -> models.ModelRef:
+    """The teacher's weights; one that is not the student's own base must tokenize and template like the student."""
+    ref = ctx.resolve(stage.teacher, "teacher")
+    if ref.base != ctx.snapshots["base"].base or ref.adapter:
+        teacher_tok = models.load_tokenizer(ref.adapter or ref.base, ctx.model_config)
+        models.check_same_tokenization(ctx.tokenizer, teacher_tok, ctx.chat_template_kwargs,
+                                       student=ctx.model_config.name, teacher=str(stage.teacher))
+    return ref
+
+
+def _replay_examples(stage: OPDStage, ctx: StageContext) -> list | None:
+    """SFT examples for the whole stage, `replay.batch_size` per step in order (None: no replay)."""
+    if stage.replay.batch_size == 0:
+        return None
+    pools = build_pools(stage.replay.data, ctx.tokenizer, stage.replay.max_seq_len, ctx.chat_template_kwargs)
+    return build_mixture(pools, stage.replay.data.mix, stage.steps * stage.replay.batch_size, seed=ctx.seed).examples
+
+
+def _accelerator(stage: OPDStage, world: int):
+    """accelerate's Accelerator for a multi-process run or the vLLM sampler; None otherwise."""
+    if world == 1 and stage.sampler != "vllm":
+        return None
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+
+    # SFT's Trainer may have set up accelerate already (e.g. bf16): join that state rather than contradict it
+    mp = AcceleratorState().mixed_precision if is_initialized() else None
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)

@@ -14,11 +14,13 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
 from continual_opd import checkpoints, distributed, models
 from continual_opd.config import SFTStage
 from continual_opd.data import build_mixture, build_pools
-from continual_opd.errors import ConfigError
-from continual_opd.stages import EvalCadence, StageContext, StageResult
+from continual_opd.evals.runner import EvalCadence
+from continual_opd.stages import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,17 @@ class StageCallback(TrainerCallback):
 
     def __init__(self, stage: SFTStage, ctx: StageContext, samples_per_step: int):
         self.ctx, self.samples_per_step = ctx, samples_per_step
-        self.cadence = EvalCadence(stage, ctx)
-        self._tokens_at_start = ctx.sink.tokens
-        self._samples_at_start = ctx.sink.samples
+        self.cadence = EvalCadence(stage, ctx.evaluate, ctx.sink)
+        self._step = self._tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        # where the Trainer starts counting: a resumed Trainer restores its step and tokens seen from the checkpoint
+        self._step, self._tokens = state.global_step, int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        step = state.global_step
-        sink = self.ctx.sink
-        sink.samples = self._samples_at_start + step * self.samples_per_step
-        sink.tokens = self._tokens_at_start + int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        step, tokens = state.global_step, int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.ctx.sink.add_counts(tokens=tokens - self._tokens, samples=(step - self._step) * self.samples_per_step)
+        self._step, self._tokens = step, tokens
         if self.cadence.due(step):
             self.cadence.evaluate(model, step)
 
@@ -52,6 +56,13 @@ class StageCallback(TrainerCallback):
             checkpoints.mark_complete(ckpt, {**self.ctx.checkpoint_meta, "step": state.global_step})
 
 
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar without its log dicts: those numbers go to metrics.jsonl (and TensorBoard)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 # Our schedule names (shared with OPD) → transformers' schedulers, which all start with linear warmup.
 HF_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -61,11 +72,10 @@ def _self_chat(cfg, ctx: StageContext):
     start; a fresh LoRA adapter does not change outputs), else by that snapshot loaded for the purpose."""
     from continual_opd.self_chat import ensure_self_chat
 
-    ref = ctx.resolve_teacher(cfg.model)
-    gen_model = ctx.model if ref == ctx.start_ref else models.load_model(ref, ctx.recipe.model, trainable_adapter=False)
+    ref = ctx.resolve(cfg.model, "data.self_chat.model")
+    gen_model = ctx.model if ref == ctx.start_ref else models.load_model(ref, ctx.model_config, trainable_adapter=False)
     path, stats = ensure_self_chat(cfg, ctx.stage_dir, gen_model, ctx.tokenizer, model_ref=ref.to_dict(),
-                                   seed=ctx.recipe.seed, chat_template_kwargs=ctx.recipe.model.chat_template_kwargs,
-                                   progress=ctx.progress)
+                                   seed=ctx.seed, chat_template_kwargs=ctx.chat_template_kwargs, progress=ctx.progress)
     if ctx.resume_from is None:
         ctx.sink.log(0, "data", {f"self_chat/{k}": v for k, v in stats.items()})
     del gen_model
@@ -75,15 +85,14 @@ def _self_chat(cfg, ctx: StageContext):
 def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
-    recipe = ctx.recipe
     tok = ctx.tokenizer
     samples_per_step = stage.batch_size * stage.grad_accum
     data = stage.data
     if data.self_chat is not None:
         path = _self_chat(data.self_chat, ctx)
         data = data.model_copy(update={"chat": [*data.chat, str(path)]})
-    pools = build_pools(data, tok, stage.max_seq_len, recipe.model.chat_template_kwargs)
-    mix = build_mixture(pools, stage.data.mix, stage.steps * samples_per_step, seed=recipe.seed)
+    pools = build_pools(data, tok, stage.max_seq_len, ctx.chat_template_kwargs)
+    mix = build_mixture(pools, stage.data.mix, stage.steps * samples_per_step, seed=ctx.seed)
     log.info("SFT mixture: %s examples available; realized token share %s (target %s)", mix.source_sizes,
              {k: round(v, 3) for k, v in mix.token_share.items()}, stage.data.mix)
     if ctx.resume_from is None:
@@ -92,11 +101,9 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     train = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in mix.examples])
 
     # The recipe's batch is the global one: with N processes each rank takes batch_size / N examples a step, so the
-    # stage sees the same data and the same number of examples per update at any process count.
+    # stage sees the same data and the same number of examples per update at any process count (preflight checks
+    # that batch_size splits).
     world = distributed.world_size()
-    if stage.batch_size % world:
-        raise ConfigError(f"{recipe.source}: stages.{ctx.stage_index}.batch_size: {stage.batch_size} does not split "
-                          f"over {world} processes; use a multiple of {world}")
     args = SFTConfig(
         output_dir=str(ctx.stage_dir / "checkpoints"),
         max_steps=stage.steps,
@@ -108,14 +115,14 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         max_length=stage.max_seq_len,
-        gradient_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing=stage.gradient_checkpointing,
         logging_steps=1,
         save_strategy="steps" if stage.save_every else "no",
         save_steps=stage.save_every or 1,
         save_only_model=False,
         report_to=[],
-        seed=recipe.seed,
-        data_seed=recipe.seed,
+        seed=ctx.seed,
+        data_seed=ctx.seed,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
@@ -124,9 +131,10 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     )
     callback = StageCallback(stage, ctx, samples_per_step)
     trainer = SFTTrainer(model=ctx.model, args=args, train_dataset=train, processing_class=tok, callbacks=[callback])
-    # With the bar off, HF Trainer prints every log dict to stdout; those numbers are in metrics.jsonl already.
-    from transformers.trainer_callback import PrinterCallback
-
+    # HF Trainer echoes every log dict to the console (PrinterCallback with the bar off, ProgressCallback.on_log with
+    # it on); those numbers are in metrics.jsonl already, so keep the bar and drop the echo.
     trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress())
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    return callback.cadence.final(trainer.model)
+    return StageResult(model=trainer.model, results=callback.cadence.final(trainer.model), steps=stage.steps)
