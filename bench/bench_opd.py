@@ -63,7 +63,8 @@ def main() -> None:
     model = models.load_model(models.ModelRef(base), cfg)
     teacher = models.load_frozen(models.ModelRef(base), cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    res = {"params": n_params, "torch_threads": torch.get_num_threads(), "opd_step_s": bench_estimators(model, teacher, tok, args.steps)}
+    res = {"params": n_params, "torch_threads": torch.get_num_threads(),
+           "opd_step_s": bench_estimators(model, teacher, tok, args.steps)}
     res["eval_s"] = {}
     with tempfile.TemporaryDirectory() as d:
         for name in ("ifeval", "domain_qa"):

@@ -55,7 +55,8 @@ def lm_eval_ifeval(model, tok, data: Path, rows: list[dict], max_new_tokens: int
     agg = {m: float(out["results"][name][f"{m},none"]) for m in METRICS}
     per_key = {}
     for s in out["samples"][name]:
-        per_key[s["doc"]["key"]] = {"strict": bool(s["prompt_level_strict_acc"]), "loose": bool(s["prompt_level_loose_acc"]),
+        per_key[s["doc"]["key"]] = {"strict": bool(s["prompt_level_strict_acc"]),
+                                    "loose": bool(s["prompt_level_loose_acc"]),
                                     "response": s["filtered_resps"][0]}
     return agg, per_key
 
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
         our_rows = {r["key"]: r for r in read_jsonl(out / f"{suite.name}.jsonl")}
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    theirs, their_rows = lm_eval_ifeval(model, tok, Path(suite.data), rows, suite.max_new_tokens, args.batch_size, args.seed)
+    theirs, their_rows = lm_eval_ifeval(model, tok, Path(suite.data), rows, suite.max_new_tokens, args.batch_size,
+                                        args.seed)
     t_theirs = time.perf_counter() - t0
 
     keys = [r["key"] for r in rows]

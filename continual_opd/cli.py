@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="run every check of a recipe that needs no model weights")
     v.add_argument("path")
     v.add_argument("overrides", nargs="*")
-    v.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="check the batch splits of a launch with N processes (accelerate launch --num_processes N)")
+    v.add_argument("--num-processes", type=int, metavar="N",
+                   help="check the batch splits of a launch with N processes (accelerate launch --num_processes N; "
+                        "default: this launch's, 1 without a launcher)")
     v.add_argument("--resume", action="store_true", help="check that output_dir holds a run that --resume continues")
 
     e = sub.add_parser("eval", help="run eval suites on a model")
@@ -49,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="override each suite's generation batch size")
     e.add_argument("--max-new-tokens", type=int, help="override each suite's answer length cap")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--suite", action="append", required=True, help="suite name in eval_suites/ or a YAML path (repeatable)")
+    e.add_argument("--suite", action="append", required=True,
+                   help="suite name in eval_suites/ or a YAML path (repeatable)")
     e.add_argument("--out", help="directory for results.json and per-suite generations")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--cache-dir", help="demo model cache directory")
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may come after flags (`recipe r.yaml --resume a.b=1`): argparse leaves those in `extra`
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+    if (extra and getattr(args, "overrides", None) is not None
+            and all("=" in e and not e.startswith("-") for e in extra)):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -106,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: rank {rank}: another process of this run stopped (it failed or was killed), so this one "
                   "stopped too; complete checkpoints are kept: fix the cause and rerun with --resume", file=sys.stderr)
             return 1
-        print(f"error: {f'rank {rank}: ' if distributed.launched() else ''}internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and "
-              "report it", file=sys.stderr)
+        print(f"error: {f'rank {rank}: ' if distributed.launched() else ''}internal error "
+              f"({type(e).__name__}: {first}); rerun with --debug for the traceback and report it", file=sys.stderr)
         return 1
 
 
@@ -125,6 +129,8 @@ def _dispatch(args) -> int:
         from continual_opd.errors import ConfigError
         from continual_opd.preflight import preflight
 
+        if args.num_processes is None:
+            args.num_processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if args.num_processes < 1:
             raise ConfigError(f"--num-processes {args.num_processes}: must be >= 1")
         recipe = load_recipe(args.path, args.overrides)
@@ -156,7 +162,9 @@ def _dispatch(args) -> int:
 
         out = Path(args.out)
         _check_out(out)
-        print(f"comparison written to {write_comparison([Path(d) for d in args.run_dirs], out, domain_key=args.domain_key, if_key=args.if_key)}")
+        written = write_comparison([Path(d) for d in args.run_dirs], out, domain_key=args.domain_key,
+                                   if_key=args.if_key)
+        print(f"comparison written to {written}")
         if (out / "across_seeds.csv").exists():  # repeats of one recipe with other seeds: say the spread
             import pandas as pd
 
@@ -207,8 +215,8 @@ def _eval(args) -> int:
     log.info("model %s ready in %.1f s (%s)", args.model, time.perf_counter() - t0, next(model.parameters()).dtype)
     results = {}
     for suite in suites:
-        values = run_suite(suite, model, tok, out if distributed.is_main() else None, seed=args.seed, chat_template_kwargs=cfg.chat_template_kwargs,
-                           progress=progress)
+        values = run_suite(suite, model, tok, out if distributed.is_main() else None, seed=args.seed,
+                           chat_template_kwargs=cfg.chat_template_kwargs, progress=progress)
         results.update({f"{suite.name}/{k}": v for k, v in values.items()})
     if not distributed.is_main():
         return 0

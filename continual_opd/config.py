@@ -253,7 +253,8 @@ class OPDStage(TrainStageBase):
         if self.replay.batch_size > 0:
             self.replay.data.check_sources_listed()
         if not self.prompts:
-            raise ValueError("`prompts` is empty; list at least one prompts .jsonl (e.g. data_samples/chat/opd_prompts.jsonl)")
+            raise ValueError("`prompts` is empty; list at least one prompts .jsonl "
+                             "(e.g. data_samples/chat/opd_prompts.jsonl)")
         # An option the chosen loss ignores is a mistake (the user meant to change something): say so.
         for option, applies_to in (("beta", "jsd"), ("gamma", "sampled")):
             # (a value equal to the default is harmless: a resolved recipe lists every option with its value)
@@ -328,7 +329,8 @@ def apply_override(data: dict, path: list[str], value: Any, *, source: str) -> N
         where = ".".join(path[: i + 1])
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise ConfigError(f"{source}: override {'.'.join(path)}: {where} is not an index of a {len(node)}-item list; use 0..{len(node) - 1}")
+                raise ConfigError(f"{source}: override {'.'.join(path)}: {where} is not an index of a "
+                                  f"{len(node)}-item list; use 0..{len(node) - 1}")
             idx = int(part)
             if last:
                 node[idx] = value
@@ -399,7 +401,9 @@ def format_validation_error(err: ValidationError, data: dict, source: str) -> st
         _, path = _model_at(loc, data)
         where = ".".join(path) or "(top level)"
         if etype == "union_tag_invalid" or etype == "union_tag_not_found":
-            lines.append(f"{source}: {where}.kind: {e.get('input', {}).get('kind') if isinstance(e.get('input'), dict) else None!r} is not a stage kind; use one of eval, sft, opd")
+            lines.append(f"{source}: {where}.kind: "
+                         f"{e.get('input', {}).get('kind') if isinstance(e.get('input'), dict) else None!r} "
+                         "is not a stage kind; use one of eval, sft, opd")
             continue
         if etype == "missing":
             lines.append(f"{source}: {where}: required field is missing; add `{path[-1] if path else where}: ...`")
@@ -413,7 +417,8 @@ def format_validation_error(err: ValidationError, data: dict, source: str) -> st
 
 def validate_recipe_dict(data: Any, source: str) -> Recipe:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of keys (name, model, stages, ...), got {type(data).__name__}")
+        raise ConfigError(f"{source}: top level must be a mapping of keys (name, model, stages, ...), "
+                          f"got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

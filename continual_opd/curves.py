@@ -95,7 +95,8 @@ def _load_one(run_dir: Path, name: str, recipe: dict | None) -> pd.DataFrame:
     path = run_dir / "metrics.jsonl"
     if run_dir.is_file():
         raise DataError(f"{run_dir}: is a file, not a run directory; pass the directory a recipe run wrote "
-                        f"(runs/<name>){', e.g. ' + str(run_dir.parent) if (run_dir.parent / 'metrics.jsonl').is_file() else ''}")
+                        "(runs/<name>)"
+                        f"{', e.g. ' + str(run_dir.parent) if (run_dir.parent / 'metrics.jsonl').is_file() else ''}")
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run directory not found; pass the directory a recipe run wrote (runs/<name>)")
     if not path.is_file():

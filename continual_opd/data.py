@@ -31,11 +31,13 @@ def _expand(sources: list[str], suffixes: tuple[str, ...], field: str) -> list[P
             continue
         p = Path(src)
         if not p.exists():
-            raise DataError(f"{p}: {field} source not found; check the path in the recipe (relative to the recipe file)")
+            raise DataError(f"{p}: {field} source not found; check the path in the recipe "
+                            "(relative to the recipe file)")
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not files:
-                raise DataError(f"{p}: {field} directory has no {'/'.join(suffixes)} files; add some or remove the source")
+                raise DataError(f"{p}: {field} directory has no {'/'.join(suffixes)} files; "
+                                "add some or remove the source")
             out.extend(files)
         else:
             out.append(p)
@@ -78,10 +80,13 @@ def check_messages(messages, where: str, final_assistant: bool = True) -> list[d
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} turns")
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each turn needs role (system/user/assistant) and string content, got {json.dumps(m)[:80]}")
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: each turn needs role (system/user/assistant) and string content, "
+                            f"got {json.dumps(m)[:80]}")
     if final_assistant and messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: chat row has no final assistant turn to learn from; end each conversation with an assistant message")
+        raise DataError(f"{where}: chat row has no final assistant turn to learn from; "
+                        "end each conversation with an assistant message")
     return messages
 
 
@@ -104,7 +109,8 @@ def load_chat(sources: list[str]) -> list[list[dict]]:
 def load_qa(sources: list[str]) -> list[list[dict]]:
     convs = []
     for f in _expand(sources, (".jsonl",), "qa"):
-        rows = [(f, r) for r in _hf_rows(f)] if isinstance(f, str) else _rows_with_lines(f, ("question", "answer"), "QA rows")
+        rows = ([(f, r) for r in _hf_rows(f)] if isinstance(f, str)
+                else _rows_with_lines(f, ("question", "answer"), "QA rows"))
         for where, r in rows:
             convs.append([{"role": "user", "content": qa_text(r["question"], "question", where)},
                           {"role": "assistant", "content": qa_answer(r["answer"], where)}])
@@ -113,7 +119,8 @@ def load_qa(sources: list[str]) -> list[list[dict]]:
 
 def qa_text(value, field: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: `{field}` must be a non-empty string, got {json.dumps(value)[:40]}; fix or remove the line")
+        raise DataError(f"{where}: `{field}` must be a non-empty string, got {json.dumps(value)[:40]}; "
+                        "fix or remove the line")
     return value
 
 
@@ -196,7 +203,7 @@ def tokenize_chat(convs: list[list[dict]], tokenizer, max_seq_len: int, chat_tem
         ids = (p_ids + c_ids)[:max_seq_len]
         labels = ([-100] * len(p_ids) + c_ids)[:max_seq_len]
         cut += len(p_ids) + len(c_ids) > max_seq_len
-        if any(l != -100 for l in labels):
+        if any(label != -100 for label in labels):
             out.append({"input_ids": ids, "labels": labels})
         else:
             dropped += 1
@@ -215,7 +222,7 @@ class Mixture:
 
 
 def n_loss_tokens(ex: dict) -> int:
-    return sum(1 for l in ex["labels"] if l != -100)
+    return sum(1 for label in ex["labels"] if label != -100)
 
 
 def build_mixture(pools: dict[str, list[dict]], weights: dict[str, float], n_examples: int, seed: int) -> Mixture:
@@ -246,7 +253,8 @@ def build_mixture(pools: dict[str, list[dict]], weights: dict[str, float], n_exa
     return Mixture(examples, {k: tokens[k] / total for k in keys}, {k: len(pools[k]) for k in keys})
 
 
-def build_pools(data_cfg, tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None) -> dict[str, list[dict]]:
+def build_pools(data_cfg, tokenizer, max_seq_len: int,
+                chat_template_kwargs: dict | None = None) -> dict[str, list[dict]]:
     """Load and tokenize every source named in an `SFTDataConfig` that has a positive weight."""
     pools: dict[str, list[dict]] = {}
     w = data_cfg.mix

@@ -28,7 +28,8 @@ def _as_messages(prompt: Prompt) -> list[Message]:
     return [dict(m) for m in prompt]
 
 
-def render_prompts(tokenizer, prompts: Sequence[Prompt], chat_template_kwargs: dict[str, Any] | None = None) -> list[str]:
+def render_prompts(tokenizer, prompts: Sequence[Prompt],
+                   chat_template_kwargs: dict[str, Any] | None = None) -> list[str]:
     """Render prompts to text with the chat template and the assistant generation prompt appended.
 
     `chat_template_kwargs` go to the template (e.g. {"enable_thinking": False} for Qwen3).
@@ -141,7 +142,8 @@ def generate(
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(map(len, batches)), desc=progress if isinstance(progress, str) else "generate", unit="prompt")
+        bar = tqdm(total=sum(map(len, batches)), desc=progress if isinstance(progress, str) else "generate",
+                   unit="prompt")
     mine: list[tuple[int, str]] = []
     device = getattr(model, "device", None) or next(model.parameters()).device
     try:
@@ -152,9 +154,11 @@ def generate(
                 enc = tokenizer(
                     [texts[i] for i in idx or order[:1]], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
-                out_BT = model.generate(**enc, generation_config=gen_config, **({"synced_gpus": True} if synced else {}))
+                out_BT = model.generate(**enc, generation_config=gen_config,
+                                        **({"synced_gpus": True} if synced else {}))
                 new_BT = out_BT[:, enc["input_ids"].shape[1] :]  # left padding: prompts all end here
-                mine.extend(zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)))  # a filler batch adds none
+                # a filler batch adds none
+                mine.extend(zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)))
                 if bar is not None:
                     bar.update(len(idx))
     finally:

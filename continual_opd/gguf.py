@@ -159,10 +159,12 @@ def _convert(path: Path, out: Path, trust_remote_code: bool) -> None:
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = ({k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False)
+            else set())
     if set(missing) - tied or unexpected:
-        raise ModelError(f"{path}: the GGUF weights do not match {type(plain).__name__} (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}); use the original checkpoint")
+        raise ModelError(f"{path}: the GGUF weights do not match {type(plain).__name__} "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                         "use the original checkpoint")
     plain.generation_config = gguf_model.generation_config
     # The copy must compute what the GGUF model computes (a cheap guard against a silent mapping bug).
     probe = torch.tensor([[tok.bos_token_id or 0] + list(range(10, 40))])

@@ -19,7 +19,8 @@ def read_text(path: str | Path, what: str = "file") -> str:
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: {what} not found; check the path (relative paths resolve against the file that names them)")
+        raise DataError(f"{path}: {what} not found; check the path "
+                        "(relative paths resolve against the file that names them)")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a {what}")
     data = path.read_bytes()
@@ -30,7 +31,8 @@ def read_text(path: str | Path, what: str = "file") -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); re-save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "re-save the file as UTF-8") from None
 
 
 def read_jsonl(path: str | Path, *, required: Iterable[str] = (), what: str = "rows") -> list[dict]:
@@ -47,7 +49,8 @@ def read_jsonl_lines(path: str | Path, *, required: Iterable[str] = (), what: st
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found; check the path (relative paths resolve against the file that names them)")
+        raise DataError(f"{path}: file not found; check the path "
+                        "(relative paths resolve against the file that names them)")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .jsonl file")
     rows: list[tuple[int, dict]] = []
@@ -57,7 +60,8 @@ def read_jsonl_lines(path: str | Path, *, required: Iterable[str] = (), what: st
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                            "fix or remove the line") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; one object per line")
         missing = [k for k in required if k not in row]

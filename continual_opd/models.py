@@ -108,13 +108,14 @@ def check_model_ref(name: str, field: str, revision: str | None = None) -> None:
                                  "another model directory") from None
         return
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"{field} {name!r}: no such directory; check the path (or give a hub id such as Qwen/Qwen3-8B)")
+        raise ModelError(f"{field} {name!r}: no such directory; check the path "
+                         "(or give a hub id such as Qwen/Qwen3-8B)")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            raise ModelError(f"{field} {name!r}: not in the local hub cache and HF_HUB_OFFLINE is set; download it on a "
-                             "connected machine first, or point it at a local directory")
+            raise ModelError(f"{field} {name!r}: not in the local hub cache and HF_HUB_OFFLINE is set; "
+                             "download it on a connected machine first, or point it at a local directory")
 
 
 def load_tokenizer(name: str, cfg: ModelConfig):
@@ -128,7 +129,8 @@ def load_tokenizer(name: str, cfg: ModelConfig):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise ModelError(f"model {name!r}: tokenizer has no chat template; use an instruct/chat model or set one in its tokenizer_config.json")
+        raise ModelError(f"model {name!r}: tokenizer has no chat template; use an instruct/chat model "
+                         "or set one in its tokenizer_config.json")
     return tok
 
 
@@ -139,9 +141,11 @@ def load_model(ref: ModelRef, cfg: ModelConfig, *, trainable_adapter: bool = Tru
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg.dtype))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.base, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or corrupt weights
         raise ModelError(f"model {ref.base!r}: cannot load ({_first_line(e)}); check the hub id or path "
                          "(offline: download it first or point model.name at a local directory)") from None
     if ref.adapter:
@@ -189,7 +193,8 @@ def prepare_for_stage(model, finetune: str, lora: LoraConfig):
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     for m in lora.modules_to_save or []:
         if m not in names:
-            raise ModelError(f"lora.modules_to_save: {m!r} not found in {type(model).__name__}; e.g. embed_tokens, lm_head")
+            raise ModelError(f"lora.modules_to_save: {m!r} not found in {type(model).__name__}; "
+                             "e.g. embed_tokens, lm_head")
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                               target_modules=lora.target_modules, modules_to_save=lora.modules_to_save)
     return get_peft_model(model, peft_cfg)
@@ -246,18 +251,21 @@ PROBE_MESSAGES = [
 ]
 
 
-def check_same_tokenization(student_tok, teacher_tok, chat_template_kwargs: dict, *, student: str, teacher: str) -> None:
+def check_same_tokenization(student_tok, teacher_tok, chat_template_kwargs: dict, *, student: str,
+                            teacher: str) -> None:
     """Distillation compares per-token log-probs, so both sides must see the same token ids."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise ModelError(f"teacher {teacher!r} and student {student!r} have different vocabularies "
-                         f"({len(teacher_tok)} vs {len(student_tok)} tokens); use a teacher with the student's tokenizer")
+                         f"({len(teacher_tok)} vs {len(student_tok)} tokens); "
+                         "use a teacher with the student's tokenizer")
     for messages in PROBE_MESSAGES:
         kw = dict(add_generation_prompt=True, tokenize=False, **chat_template_kwargs)
         s, t = student_tok.apply_chat_template(messages, **kw), teacher_tok.apply_chat_template(messages, **kw)
         if s != t:
             raise ModelError(f"teacher {teacher!r} and student {student!r} render the chat template differently "
                              f"(student: {s[:60]!r}..., teacher: {t[:60]!r}...); give both the same chat template")
-        if student_tok(s, add_special_tokens=False)["input_ids"] != teacher_tok(t, add_special_tokens=False)["input_ids"]:
+        if (student_tok(s, add_special_tokens=False)["input_ids"]
+                != teacher_tok(t, add_special_tokens=False)["input_ids"]):
             raise ModelError(f"teacher {teacher!r} and student {student!r} tokenize the same text differently; "
                              "use a teacher with the student's tokenizer")
 

@@ -145,7 +145,8 @@ def plot_run(df: pd.DataFrame, run: str, path: Path, domain_key: str = DEFAULT_D
                 _accuracy_axis(ax, rows["value"], "score")
             else:
                 ax.set_ylabel("loss (as logged)" if name == "training loss" else "KL (nats, as logged)")
-            ax.set_title(name + (f" (first 8 of {len(keys)} metrics)" if len(keys) > 8 else ""), fontsize=11, loc="left")
+            ax.set_title(name + (f" (first 8 of {len(keys)} metrics)" if len(keys) > 8 else ""), fontsize=11,
+                         loc="left")
         ax.tick_params(labelbottom=ax is axes[-1])
     axes[-1].set_xlabel(XLABEL)
     if st["end"].max() == st["start"].min():  # eval-only run: one x position
@@ -309,7 +310,8 @@ def _render(blocks: list[tuple], out: Path, title: str) -> Path:
             body.append(f'<figure><img alt="{html.escape(a[1])}" src="data:image/png;base64,{data}"></figure>')
     atomic_write_text(out / "report.md", "\n\n".join(md) + "\n")
     atomic_write_text(out / "report.html", f'<!doctype html><html><head><meta charset="utf-8"><title>'
-                      f'{html.escape(title)}</title><style>{CSS}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")
+                      f'{html.escape(title)}</title><style>{CSS}</style></head><body>\n' + "\n".join(body)
+                      + "\n</body></html>\n")
     return out
 
 
@@ -441,7 +443,8 @@ def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path, *, dom
         ("h2", "Base -> after SFT -> after OPD"), ("table", blog), *seeds,
         ("img", plot_pareto(df, out / "pareto.png", domain_key, if_key), "domain QA vs IF-eval per run"),
         ("img", plot_overlay(df, out / "overlay.png", {domain_key: f"domain QA: {domain_key}",
-                                                            if_key: f"IF-eval: {if_key}"}), "headline metrics, all runs"),
+                                                            if_key: f"IF-eval: {if_key}"}),
+         "headline metrics, all runs"),
         ("h2", "Continual-learning metrics"), ("table", _cl_table(df, domain_key, if_key)),
         ("list", DEFINITIONS), ("h2", "Forgetting per metric (metrics shared by all runs)"), ("table", fg),
         ("h2", "Settings that differ"),

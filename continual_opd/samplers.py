@@ -99,7 +99,8 @@ def _trl_engine(model, tokenizer, stage: OPDStage, accelerator, stop_ids):
     from trl.generation.vllm_generation import VLLMGeneration
 
     v = stage.vllm
-    return VLLMGeneration(model, accelerator, tokenizer, mode="colocate", gpu_memory_utilization=v.gpu_memory_utilization,
+    return VLLMGeneration(model, accelerator, tokenizer, mode="colocate",
+                          gpu_memory_utilization=v.gpu_memory_utilization,
                           max_model_length=v.max_model_len, enable_sleep_mode=v.enable_sleep_mode,
                           tensor_parallel_size=v.tensor_parallel_size, temperature=stage.temperature, top_p=stage.top_p,
                           max_completion_length=stage.max_new_tokens, logprobs=None,

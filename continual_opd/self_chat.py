@@ -111,8 +111,9 @@ def ensure_self_chat(cfg: SelfChatConfig, out_dir: Path, model, tokenizer, *, mo
             if not idx:
                 continue
             batch = [prompts[i] for i in idx]
-            ro = sample_rollouts(model, tokenizer, batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, chat_template_kwargs=chat_template_kwargs)
+            ro = sample_rollouts(model, tokenizer, batch, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p,
+                                 chat_template_kwargs=chat_template_kwargs)
             for i, tokens_L, mask_L, cut in zip(idx, ro.tokens_BL, ro.response_mask_BL, ro.truncated_B):
                 answer = tokenizer.decode(tokens_L[mask_L], skip_special_tokens=True).strip()
                 truncated += int(cut)

@@ -104,7 +104,8 @@ class MetricsSink:
             return 0
         self._f.close()
         rows = read_rows(self.path)
-        keep = [r for r in rows if r["stage_index"] < stage_index or (r["stage_index"] == stage_index and r["step"] <= step)]
+        keep = [r for r in rows
+                if r["stage_index"] < stage_index or (r["stage_index"] == stage_index and r["step"] <= step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self._f = self.path.open("a", encoding="utf-8")
         if keep:

@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
         row = opd_step(wrapped, teacher, mine, stage, optimizer, accelerator=acc)
         row["num_processes"] = acc.num_processes
         if acc.is_main_process:
-            torch.save({n: p.detach().clone() for n, p in acc.unwrap_model(wrapped).named_parameters()}, out / "params.pt")
+            params = {n: p.detach().clone() for n, p in acc.unwrap_model(wrapped).named_parameters()}
+            torch.save(params, out / "params.pt")
             (out / "row.json").write_text(json.dumps(row))
         return 0
     if mode == "eval":

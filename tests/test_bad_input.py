@@ -36,7 +36,8 @@ def _world(root: Path) -> Path:
                          {"name": "sft", "kind": "sft", "data": {"documents": ["docs"], "chat": ["chat.jsonl"],
                                                                   "qa": ["qa.jsonl"],
                                                                   "mix": {"documents": 0.4, "chat": 0.3, "qa": 0.3}}},
-                         {"name": "opd", "kind": "opd", "teacher": "snapshot:before-sft", "prompts": ["prompts.jsonl"]}]}
+                         {"name": "opd", "kind": "opd", "teacher": "snapshot:before-sft",
+                          "prompts": ["prompts.jsonl"]}]}
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root / "recipe.yaml"
 
@@ -57,28 +58,32 @@ CASES = [
      "{root}/r.bin: is a binary file, expected UTF-8 text; decompress or convert it first"),
     ("recipe in Latin-1", lambda r: [_write(r / "r.yaml", b"name: t\n# " + LATIN1)],
      "{root}/r.yaml:2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
-    ("chat in Latin-1", lambda r: _set(r, "chat.jsonl", _jsonl([GOOD_CHAT]).encode() + b'{"x": "' + LATIN1[:4] + b'"}\n'),
+    ("chat in Latin-1",
+     lambda r: _set(r, "chat.jsonl", _jsonl([GOOD_CHAT]).encode() + b'{"x": "' + LATIN1[:4] + b'"}\n'),
      "{root}/chat.jsonl:2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
     ("document in Latin-1", lambda r: _set(r, "docs/a.md", LATIN1),
      "{root}/docs/a.md:1: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
     ("chat is gzip", lambda r: _set(r, "chat.jsonl", gzip.compress(_jsonl([GOOD_CHAT]).encode())),
      "{root}/chat.jsonl: is a gzip-compressed file, expected UTF-8 text; decompress or convert it first"),
     ("qa answer is an empty list", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": []}])),
-     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got []; fix or remove the line"),
+     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got []; "
+     "fix or remove the line"),
     ("qa answer is null", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": None}])),
      "{root}/qa.jsonl:1: `answer` must be a non-empty string, got null; fix or remove the line"),
     ("qa answer is a number", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": "A"},
                                                                     {"question": "Q2?", "answer": 42}])),
      "{root}/qa.jsonl:2: `answer` must be a non-empty string, got 42; fix or remove the line"),
     ("qa answer list with a blank", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": ["A", " "]}])),
-     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got [\"A\", \" \"]; fix or remove the line"),
+     "{root}/qa.jsonl:1: `answer` must be a non-empty string or a non-empty list of them, got [\"A\", \" \"]; "
+     "fix or remove the line"),
     ("qa question is empty", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "", "answer": "A"}])),
      "{root}/qa.jsonl:1: `question` must be a non-empty string, got \"\"; fix or remove the line"),
     ("document row text is null", lambda r: _docs_jsonl(r, [{"text": "ok"}, {"text": None}]),
      "{root}/docs/b.jsonl:2: `text` must be a non-empty string, got null; fix or remove the line"),
     ("document row text is a number", lambda r: _docs_jsonl(r, [{"text": 42}]),
      "{root}/docs/b.jsonl:1: `text` must be a non-empty string, got 42; fix or remove the line"),
-    ("OPD prompts in Alpaca schema", lambda r: _set(r, "prompts.jsonl", _jsonl([{"instruction": "Hi", "output": "Yo"}])),
+    ("OPD prompts in Alpaca schema",
+     lambda r: _set(r, "prompts.jsonl", _jsonl([{"instruction": "Hi", "output": "Yo"}])),
      "{root}/prompts.jsonl:1: a prompt row needs one of `prompt`, `messages` or `question` (got keys "
      "['instruction', 'output']); convert the file to one of those schemas"),
     ("OPD prompt row among good ones", lambda r: _set(r, "prompts.jsonl", _jsonl([GOOD_IF, GOOD_IF, {"text": "x"}])),
@@ -86,7 +91,8 @@ CASES = [
      "convert the file to one of those schemas"),
     ("OPD prompt is empty", lambda r: _set(r, "prompts.jsonl", _jsonl([{"prompt": "  "}])),
      "{root}/prompts.jsonl:1: the prompt must be a non-empty string; fix or remove the line"),
-    ("OPD prompt messages malformed", lambda r: _set(r, "prompts.jsonl", _jsonl([{"messages": [{"role": "bot", "content": "x"}]}])),
+    ("OPD prompt messages malformed",
+     lambda r: _set(r, "prompts.jsonl", _jsonl([{"messages": [{"role": "bot", "content": "x"}]}])),
      "{root}/prompts.jsonl:1: each turn needs role (system/user/assistant) and string content, got "
      "{\"role\": \"bot\", \"content\": \"x\"}"),
     ("chat turn without content", lambda r: _set(r, "chat.jsonl", _jsonl([{"messages": [{"role": "user"}]}])),
@@ -121,7 +127,8 @@ CASES = [
      "model.name 'example-org/not-a-cached-model': not in the local hub cache and HF_HUB_OFFLINE is set; download it "
      "on a connected machine first, or point it at a local directory"),
     ("bad value from a command-line override", lambda r: _override(r, "stages.1.lr=-1"),
-     "{root}/recipe.yaml: command-line override 'stages.1.lr=-1': stages.1.lr: Input should be greater than 0 (got -1)"),
+     "{root}/recipe.yaml: command-line override 'stages.1.lr=-1': stages.1.lr: Input should be greater than 0 "
+     "(got -1)"),
     ("unknown suite", lambda r: _override(r, "evals.suites=[ifevl]"),
      "{root}/recipe.yaml: evals.suites: suite 'ifevl' not found (looked in {root}, " + str(SUITES) + "); did you "
      "mean 'ifeval'?"),
@@ -134,7 +141,8 @@ CASES = [
     ("doc_prompt_fraction without doc_prompts", lambda r: _override(r, "stages.2.doc_prompt_fraction=0.5"),
      "{root}/recipe.yaml: stages.2: doc_prompt_fraction is 0.5 but `doc_prompts` lists no files; add a QA .jsonl to "
      "doc_prompts or set doc_prompt_fraction: 0"),
-    ("self-chat prompt file missing", lambda r: _override(r, f"stages.1.data.self_chat={{prompts: [{r / 'nope.jsonl'}]}}"),
+    ("self-chat prompt file missing",
+     lambda r: _override(r, f"stages.1.data.self_chat={{prompts: [{r / 'nope.jsonl'}]}}"),
      "{root}/nope.jsonl: file not found; check the path (relative paths resolve against the file that names them)"),
     ("self-chat answered by a model that is not a snapshot",
      lambda r: _override(r, "stages.1.data.self_chat={prompts: [prompts.jsonl], model: gpt-4}"),
@@ -221,7 +229,8 @@ def test_offline_hf_dataset_source(tmp_path, capsys):
         # names the recipe file and field: an hf: source has no file of its own to name
         assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.1.data.documents: "
                                                    "hf:example-org/no-such-dataset: cannot load the dataset (")
-        assert err[0].endswith("check the name and split, or download it first and point the recipe at local .jsonl files")
+        assert err[0].endswith("check the name and split, or download it first and point the recipe at local "
+                               ".jsonl files")
     assert not (tmp_path / "run").exists()
 
 
@@ -253,7 +262,8 @@ def test_teacher_with_another_tokenizer_fails_in_validate(tmp_path, capsys):
     for command in ("validate", "recipe"):
         assert main([command, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.2.teacher: teacher '{tmp_path / 'teacher'}' "
+        assert len(err) == 1 and err[0].startswith(f"error: {recipe}: stages.2.teacher: "
+                                                   f"teacher '{tmp_path / 'teacher'}' "
                                                    f"and student '{tmp_path / 'student'}' have different vocabularies")
     assert not (tmp_path / "run").exists()
 

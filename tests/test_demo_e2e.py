@@ -24,7 +24,7 @@ def test_personalize_recipe_reproduces_the_forgetting_and_recovery_shape(tmp_pat
     assert base[IF] - sft[IF] >= 0.3  # ... and visibly damages instruction following
     assert opd[IF] - sft[IF] >= 0.5 * (base[IF] - sft[IF])  # OPD wins back at least half of the loss
     assert opd[QA] - base[QA] >= 0.8 * (sft[QA] - base[QA])  # and keeps >= 80% of the domain gain
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for stage in ("sft", "opd"):
         points = {r["step"] for r in rows if r["stage"] == stage and r["suite"] == "ifeval"}
         assert len(points) >= 4, (stage, points)

@@ -89,7 +89,8 @@ def test_every_constrained_response_passes_its_checkers():
         for r in _rows(rel):
             if not r["instruction_id_list"]:
                 continue
-            inp = InputExample(key=0, instruction_id_list=r["instruction_id_list"], prompt=_prompt(r), kwargs=r["kwargs"])
+            inp = InputExample(key=0, instruction_id_list=r["instruction_id_list"], prompt=_prompt(r),
+                               kwargs=r["kwargs"])
             out = test_instruction_following_strict(inp, r["messages"][1]["content"])
             assert out.follow_all_instructions, (r["instruction_id_list"], r["messages"])
             n += 1

@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 def launch(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 <args>`, one thread per process (2 cores, 2 processes)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(HERE),
                 "ACCELERATE_CONFIG_FILE": "/nonexistent", **(env or {})}
@@ -65,7 +66,7 @@ def test_ddp_step_on_two_halves_equals_one_step_on_all(tmp_path, loss):
     assert row["num_processes"] == 2
     moved = max(float((got[n] - p).abs().max()) for n, p in ref.items())
     for n, p in ref.items():
-        torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     assert moved < 1e-5
     for k in ("loss", "teacher_kl", "student_entropy", "grad_norm", "response_len", "tokens_sampled"):
         assert row[k] == pytest.approx(ref_row[k], rel=1e-5), k
@@ -100,7 +101,8 @@ def _recipe(tmp_path: Path, out: Path) -> Path:
     for name, kind, src, limit in (("if_small", "ifeval", "ifeval/eval.jsonl", 12),
                                    ("qa_small", "domain_qa", "domain_qa/eval.jsonl", 12)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
-            {"name": name, "kind": kind, "data": str(data / src), "limit": limit, "batch_size": 4, "max_new_tokens": 16}))
+            {"name": name, "kind": kind, "data": str(data / src), "limit": limit, "batch_size": 4,
+             "max_new_tokens": 16}))
     recipe = {
         "name": "two-procs", "seed": 0, "output_dir": str(out), "cache_dir": str(tmp_path / "cache"),
         "model": {"name": "demo"},
@@ -191,7 +193,8 @@ def test_killed_rank_stops_the_run_cleanly_and_resume_finishes_it(clean_run):
 
 def test_module_entry_point_runs_under_the_launcher(tmp_path):
     """The documented form, `accelerate launch ... -m continual_opd <command>`; both ranks agree and one speaks."""
-    proc = launch("-m", "continual_opd", "validate", str(REPO / "recipes/personalize.yaml"), f"output_dir={tmp_path / 'x'}")
+    proc = launch("-m", "continual_opd", "validate", str(REPO / "recipes/personalize.yaml"),
+                  f"output_dir={tmp_path / 'x'}")
     _ok(proc)
     assert proc.stdout.count("ok: ") == 1  # both ranks checked the recipe; rank 0 speaks
     bad = launch("-m", "continual_opd", "recipe", str(REPO / "recipes/personalize.yaml"), "stages.1.lr=-1")

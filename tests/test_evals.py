@@ -19,9 +19,14 @@ from continual_opd.evals.ifeval import NLTK_INSTRUCTIONS, load_ifeval_rows, scor
 END = "Is there anything else I can help with?"
 IF_ROWS = [
     {"key": 1, "prompt": "Greet me. No commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
-    {"key": 2, "prompt": "Lowercase JSON.", "instruction_id_list": ["change_case:english_lowercase", "detectable_format:json_format"], "kwargs": [{}, {}]},
-    {"key": 3, "prompt": "Under 3 sentences, end with a phrase.", "instruction_id_list": ["length_constraints:number_sentences", "startend:end_checker"], "kwargs": [{"relation": "less than", "num_sentences": 3}, {"end_phrase": END}]},
-    {"key": 4, "prompt": "Two bullets, capitals.", "instruction_id_list": ["change_case:capital_word_frequency", "detectable_format:number_bullet_lists"], "kwargs": [{"capital_relation": "at least", "capital_frequency": 2}, {"num_bullets": 2}]},
+    {"key": 2, "prompt": "Lowercase JSON.",
+     "instruction_id_list": ["change_case:english_lowercase", "detectable_format:json_format"], "kwargs": [{}, {}]},
+    {"key": 3, "prompt": "Under 3 sentences, end with a phrase.",
+     "instruction_id_list": ["length_constraints:number_sentences", "startend:end_checker"],
+     "kwargs": [{"relation": "less than", "num_sentences": 3}, {"end_phrase": END}]},
+    {"key": 4, "prompt": "Two bullets, capitals.",
+     "instruction_id_list": ["change_case:capital_word_frequency", "detectable_format:number_bullet_lists"],
+     "kwargs": [{"capital_relation": "at least", "capital_frequency": 2}, {"num_bullets": 2}]},
     {"key": 5, "prompt": "No commas again.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
 ]
 IF_RESPONSES = [
@@ -78,10 +83,12 @@ def test_ifeval_without_nltk_data_skips_two_types_with_one_warning(monkeypatch, 
 
 def test_ifeval_row_validation(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_coma"], "kwargs": [{}]}) + "\n")
+    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_coma"],
+                               "kwargs": [{}]}) + "\n")
     with pytest.raises(DataError, match="did you mean 'punctuation:no_comma'"):
         load_ifeval_rows(bad)
-    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}) + "\n")
+    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+                               "kwargs": []}) + "\n")
     with pytest.raises(DataError, match="same length"):
         load_ifeval_rows(bad)
 
@@ -180,7 +187,8 @@ def test_load_suite_resolves_relative_data_against_the_yaml(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "text, pattern",
     [
-        ("kind: domain_qa\ndata: qa.jsonl\nmax_new_token: 8\n", r"unknown key 'max_new_token'; did you mean 'max_new_tokens'\?"),
+        ("kind: domain_qa\ndata: qa.jsonl\nmax_new_token: 8\n",
+         r"unknown key 'max_new_token'; did you mean 'max_new_tokens'\?"),
         ("kind: domain_qa\ndata: qa.jsonl\nbatch_size: 0\n", r"batch_size=0: .*greater than or equal to 1"),
         ("kind: ifevall\ndata: qa.jsonl\n", r"kind='ifevall'"),
         ("kind: domain_qa\ndata: missing.jsonl\n", r"data='missing.jsonl': file not found"),

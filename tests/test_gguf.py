@@ -61,14 +61,16 @@ def test_gguf_package_missing_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ModelError, match=r"reading a GGUF model needs the `gguf` package; install it with `pip install gguf`"):
+    with pytest.raises(ModelError, match=r"reading a GGUF model needs the `gguf` package; "
+                                         r"install it with `pip install gguf`"):
         _resolve(tmp_path, name=str(tmp_path / "m.gguf"))
 
 
 def test_unsupported_architecture(tmp_path):
     path = _write_gguf(tmp_path / "weird.gguf")
     with pytest.raises(ModelError, match=r"weird.gguf: transformers cannot read this GGUF model \(GGUF model with "
-                                         r"architecture weirdarch is not supported yet.\); use a GGUF of an architecture"):
+                                         r"architecture weirdarch is not supported yet.\); "
+                                         r"use a GGUF of an architecture"):
         _resolve(tmp_path, name=str(path))
     assert not list((tmp_path / "cache").glob("gguf-*")), "a failed conversion leaves nothing in the cache"
 

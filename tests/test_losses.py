@@ -324,7 +324,6 @@ def test_sampled_gradient_is_unbiased_for_one_categorical():
 def test_sampled_gradient_with_gamma_one_is_unbiased_for_sequence_kl():
     """Two-token sequences from tabular policies: gamma=1 gives the exact gradient of the sequence-level KL."""
     torch.manual_seed(0)
-    K = 3
     theta1 = torch.tensor([0.3, -0.5, 0.8], requires_grad=True)  # p_s(x1)
     theta2 = torch.tensor([[0.5, 0.0, -1.0], [1.0, -0.2, 0.1], [-0.4, 0.9, 0.0]], requires_grad=True)  # p_s(x2|x1)
     t1 = F.log_softmax(torch.tensor([0.0, 0.7, -0.3]), -1)

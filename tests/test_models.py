@@ -22,7 +22,8 @@ def test_adapter_disabled_teacher_equals_base_before_and_differs_after_training(
     ids = torch.tensor([[5, 17, 40, 33, 9]])
     want = _logits(base, ids)
     student = models.prepare_for_stage(copy.deepcopy(base), "lora", LoraConfig(r=4, alpha=8))
-    with models.teacher_view(student, models.ModelRef(str(tmp_path / "base")), str(tmp_path / "base"), ModelConfig()) as teacher:
+    with models.teacher_view(student, models.ModelRef(str(tmp_path / "base")), str(tmp_path / "base"),
+                             ModelConfig()) as teacher:
         assert isinstance(teacher, models._AdapterDisabled)  # no second model loaded
         torch.testing.assert_close(_logits(teacher, ids), want)
         torch.testing.assert_close(_logits(student, ids), want)  # fresh LoRA: B = 0
@@ -41,7 +42,8 @@ def test_full_finetune_teacher_is_loaded_frozen(tmp_path):
     base, tok = build_tiny_lm()
     base.save_pretrained(tmp_path / "base")
     student = models.prepare_for_stage(copy.deepcopy(base), "full", LoraConfig())
-    with models.teacher_view(student, models.ModelRef(str(tmp_path / "base")), str(tmp_path / "base"), ModelConfig()) as teacher:
+    with models.teacher_view(student, models.ModelRef(str(tmp_path / "base")), str(tmp_path / "base"),
+                             ModelConfig()) as teacher:
         assert teacher is not student and not teacher.training
         assert all(not p.requires_grad for p in teacher.parameters())
 

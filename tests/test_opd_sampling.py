@@ -34,7 +34,8 @@ def test_rollouts_stop_on_every_end_token_of_the_generation_config(tiny_lm):
     model.generation_config.eos_token_id = [tok.eos_token_id, second_end]
     _always_emits(model, second_end)
     assert stop_token_ids(model, tok) == [tok.eos_token_id, second_end]
-    r = sample(model, tok, ["Say hi.", "Write a longer poem please."], _stage(max_new_tokens=8, samples_per_prompt=2), {})
+    r = sample(model, tok, ["Say hi.", "Write a longer poem please."],
+               _stage(max_new_tokens=8, samples_per_prompt=2), {})
     ids_BT, mask_BL, truncated_B = r.ids_BT, r.response_mask_BL, r.truncated_B
     assert mask_BL.shape == (4, 1)  # generation stopped right after the second end token
     assert mask_BL.all() and not truncated_B.any()  # the end token is part of the response

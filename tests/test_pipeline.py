@@ -31,7 +31,8 @@ def world(tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     (root / "docs").mkdir()
-    (root / "docs" / "handbook.md").write_text("Ada Berg leads the Oslo office. The Falcon product code is FX-42.\n" * 3)
+    (root / "docs" / "handbook.md").write_text(
+        "Ada Berg leads the Oslo office. The Falcon product code is FX-42.\n" * 3)
     for name, rows in [("ifeval.jsonl", IF_ROWS), ("qa.jsonl", QA), ("chat.jsonl", CHAT)]:
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "ifeval.yaml").write_text("name: ifeval\nkind: ifeval\ndata: ifeval.jsonl\nmax_new_tokens: 8\n")
@@ -83,7 +84,7 @@ def _run_until_killed(world, out: Path, monkeypatch, when) -> None:
 
 
 def rows_of(run: Path):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_full_run_writes_the_contract(world):
@@ -99,7 +100,8 @@ def test_full_run_writes_the_contract(world):
     sft_evals = sorted({r["step"] for r in rows if r["stage"] == "sft" and r["suite"] == "ifeval"})
     assert sft_evals == [2, 4]
     opd = [r for r in rows if r["stage"] == "opd" and r["suite"] == "opd"]
-    assert {"teacher_kl", "student_entropy", "truncation_rate", "time_generate_s", "replay_loss"} <= {r["metric"] for r in opd}
+    assert ({"teacher_kl", "student_entropy", "truncation_rate", "time_generate_s", "replay_loss"}
+            <= {r["metric"] for r in opd})
     assert max(r["global_step"] for r in rows) == 4 + 3  # global step continues across stages
     assert any(r["suite"] == "kl_monitor" for r in rows)
     assert any(r["suite"] == "data" and r["metric"] == "token_share/documents" for r in rows)
@@ -122,7 +124,8 @@ def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_st
     ref_dir = _reference_run(world)
     out = tmp_path / "run"
     _run_until_killed(world, out, monkeypatch,
-                      lambda sink, step, suite: sink.stage == crash_stage and step == crash_step and suite in ("train", "opd"))
+                      lambda sink, step, suite: (sink.stage == crash_stage and step == crash_step
+                                                 and suite in ("train", "opd")))
     run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), resume=True, progress=False)
     got = json.loads((out / "summary.json").read_text())
     want = json.loads((ref_dir / "summary.json").read_text())
@@ -131,8 +134,14 @@ def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_st
         for k, v in want[stage].items():
             if "time" not in k:
                 assert got[stage][k] == pytest.approx(v, abs=1e-6), (stage, k)
-    key = lambda r: (r["stage"], r["step"], r["suite"], r["metric"])
-    evals = lambda rows: {key(r): r["value"] for r in rows if r["suite"] in ("ifeval", "domain_qa", "train") and "time" not in r["metric"]}
+
+    def key(r):
+        return (r["stage"], r["step"], r["suite"], r["metric"])
+
+    def evals(rows):
+        return {key(r): r["value"] for r in rows
+                if r["suite"] in ("ifeval", "domain_qa", "train") and "time" not in r["metric"]}
+
     assert evals(rows_of(out)) == pytest.approx(evals(rows_of(ref_dir)), abs=1e-6)
 
 
@@ -142,7 +151,8 @@ def test_bad_data_fails_before_anything_is_written(world, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}", f"stages.1.data.chat=[{bad}]"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == f"error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2); fix or remove the line"
+    assert code == 2 and err == (f"error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes "
+                                 "at column 2); fix or remove the line")
     assert not out.exists()
 
 
@@ -155,11 +165,13 @@ def test_chat_row_without_assistant_turn(world, tmp_path):
 
 def test_missing_and_empty_data(world, tmp_path):
     with pytest.raises(DataError, match="documents source not found"):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}", "stages.1.data.documents=[nope]"]))
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}",
+                                                       "stages.1.data.documents=[nope]"]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="empty.jsonl: no chat rows found"):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}", f"stages.1.data.chat=[{empty}]"]))
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={tmp_path / 'r'}",
+                                                       f"stages.1.data.chat=[{empty}]"]))
 
 
 def test_lora_target_module_the_model_lacks(world, tmp_path, capsys):
@@ -184,7 +196,8 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(world, tmp_
     monkeypatch.setattr(opd, "divergence", flaky)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"stage opd: loss is nan at step 3; last good checkpoint: .*checkpoint-2"):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.3.micro_batch_size=4"]), progress=False)
+        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.3.micro_batch_size=4"]),
+                   progress=False)
     assert (out / "stages" / "03-opd" / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
 
 
@@ -197,8 +210,8 @@ def test_lora_student_with_its_adapter_disabled_base_as_teacher(world, tmp_path,
     real_load_frozen = models.load_frozen
     monkeypatch.setattr(models, "load_frozen", lambda *a, **k: loaded.append(a) or real_load_frozen(*a, **k))
     out = tmp_path / "run"
-    recipe = load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.1.finetune=lora", "stages.3.finetune=lora",
-                                                 "stages.1.lr=1e-2", "stages.3.lr=1e-2"])
+    recipe = load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.1.finetune=lora",
+                                                 "stages.3.finetune=lora", "stages.1.lr=1e-2", "stages.3.lr=1e-2"])
     run_recipe(recipe, progress=False)
     assert loaded == []  # the teacher was the adapter-disabled student
     state = json.loads((out / "run_state.json").read_text())
@@ -234,7 +247,8 @@ def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
                     "meta.json", "COMPLETE"} <= files, (kind, files)
             meta = checkpoints.read_meta(c)
             assert meta["kind"] == kind and meta["step"] == checkpoints.step_of(c) and len(meta["recipe_hash"]) == 16
-            assert meta["parent"] == state["completed"][meta["stage_index"] - 1]["ref"]  # the model the stage started from
+            # the model the stage started from
+            assert meta["parent"] == state["completed"][meta["stage_index"] - 1]["ref"]
         AutoModelForCausalLM.from_pretrained(ckpts[-1])  # any checkpoint is a loadable model
     # a checkpoint without its COMPLETE marker is never resumed from
     (ckpts[-1] / "COMPLETE").rename(ckpts[-1] / "COMPLETE.bak")
@@ -244,11 +258,13 @@ def test_every_stage_writes_one_checkpoint_layout_with_meta(world):
         (ckpts[-1] / "COMPLETE.bak").rename(ckpts[-1] / "COMPLETE")
 
 
-def test_run_that_fails_before_its_first_stage_completes_resumes_from_the_beginning(world, tmp_path, monkeypatch, capsys):
+def test_run_that_fails_before_its_first_stage_completes_resumes_from_the_beginning(world, tmp_path, monkeypatch,
+                                                                                   capsys):
     ref_dir = _reference_run(world)
     out = tmp_path / "run"
     # killed after the baseline's ifeval rows were written, before its domain_qa rows
-    _run_until_killed(world, out, monkeypatch, lambda sink, step, suite: sink.stage == "baseline" and suite == "domain_qa")
+    _run_until_killed(world, out, monkeypatch,
+                      lambda sink, step, suite: sink.stage == "baseline" and suite == "domain_qa")
     # starting it again is refused with the way forward; nothing is touched
     assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}"]) == 2
     assert "continue it with --resume" in capsys.readouterr().err
@@ -342,7 +358,8 @@ def test_from_run_reuses_the_shared_stages_and_runs_the_rest(world, tmp_path, ca
     assert [r for r in rows if r["stage_index"] < 3] == shared  # the first three stages' rows, copied as they are
     opd = [r for r in rows if r["stage_index"] == 3]
     assert opd and opd[0]["global_step"] == state["completed"][2]["global_step"] + opd[0]["step"]
-    ref_summary, summary = json.loads((ref / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    ref_summary, summary = (json.loads((ref / "summary.json").read_text()),
+                            json.loads((out / "summary.json").read_text()))
     assert summary["after-sft"] == ref_summary["after-sft"] and summary["opd"] != ref_summary["opd"]
     assert json.loads((out / "forked_from.json").read_text())["stages"] == ["baseline", "sft", "after-sft"]
 
@@ -369,3 +386,32 @@ def test_headline_keys_come_from_the_recipe(world, tmp_path, capsys):
     assert "domain_qa/f1" in printed and "ifeval/inst_level_loose_acc" in printed
     report = (out / "report/report.md").read_text()
     assert "domain QA = domain_qa/f1, IF-eval = ifeval/inst_level_loose_acc" in report
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_console_shows_no_trainer_log_dicts(world, tmp_path, capfd, progress):
+    """The Trainer's per-step log dicts belong in metrics.jsonl, not between the progress bars (either mode)."""
+    out = tmp_path / "run"
+    stage = ("[{name: sft, kind: sft, steps: 3, batch_size: 4, max_seq_len: 32, "
+             "data: {documents: [docs], mix: {documents: 1.0}}}]")
+    argv = ["recipe", str(world / "recipe.yaml"), f"output_dir={out}", f"stages={stage}", "evals.kl_prompts=null"]
+    assert main(argv + ([] if progress else ["--no-progress"])) == 0
+    captured = capfd.readouterr()
+    console = captured.out + captured.err
+    assert "'loss'" not in console and "grad_norm" not in console, console[-2000:]
+    assert "run written to" in captured.out
+    train = {r["metric"] for r in rows_of(out) if r["suite"] == "train"}
+    assert {"loss", "grad_norm", "learning_rate"} <= train  # the numbers are still logged, where they belong
+
+
+def test_a_model_that_does_not_load_leaves_no_run_dir(world, tmp_path, capsys):
+    """Weights that do not load fail before the run directory is written, so a plain rerun is not blocked."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world / "model", broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "run"
+    assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}", f"model.name={broken}"]) == 2
+    assert "cannot load" in capsys.readouterr().err
+    assert not out.exists()

@@ -28,12 +28,14 @@ class FakeLLM:
         from peft import PeftModel
 
         # vLLM loads the checkpoint from disk: for a LoRA student, that is the base without the adapter
-        self.copy = (copy.deepcopy(hf_model).unload() if isinstance(hf_model, PeftModel) else copy.deepcopy(hf_model)).eval()
+        self.copy = (copy.deepcopy(hf_model).unload() if isinstance(hf_model, PeftModel)
+                     else copy.deepcopy(hf_model)).eval()
         for p in self.copy.parameters():
             p.requires_grad_(False)
         self.loads = 0
         runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
 
     def _load_weights(self, weights):
         params = dict(self.copy.named_parameters())
@@ -49,7 +51,8 @@ class FakeLLM:
                                      max_new_tokens=sampling_params["max_tokens"], pad_token_id=0,
                                      eos_token_id=sampling_params["stop_token_ids"])
             outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
-                                        outputs=[SimpleNamespace(token_ids=gen[0, ids.shape[1]:].tolist(), logprobs=None)]))
+                                        outputs=[SimpleNamespace(token_ids=gen[0, ids.shape[1]:].tolist(),
+                                                                 logprobs=None)]))
         return outs
 
     def sleep(self, level=1):

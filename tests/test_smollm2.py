@@ -38,7 +38,8 @@ def test_gguf_converts_once_into_a_plain_checkpoint(smol_dir, monkeypatch):
 
     assert smol_dir.parent == cache_root(None) and smol_dir.name.startswith("gguf-SmolLM2-135M-Instruct.Q4_1-")
     source = json.loads((smol_dir / "source.json").read_text())
-    assert source["sha256"].startswith(smol_dir.name.split("-")[-2]) and smol_dir.name.endswith(f"-v{gguf.CONVERSION_VERSION}")
+    assert (source["sha256"].startswith(smol_dir.name.split("-")[-2])
+            and smol_dir.name.endswith(f"-v{gguf.CONVERSION_VERSION}"))
     assert "quantization_config" not in json.loads((smol_dir / "config.json").read_text())  # a plain float model
     cfg = AutoConfig.from_pretrained(smol_dir)
     assert (cfg.model_type, cfg.vocab_size, cfg.num_hidden_layers) == ("llama", 49152, 30)
@@ -82,7 +83,8 @@ def test_real_model_pipeline_eval_lora_sft_opd_eval(tmp_path, capsys):
             {"name": "sft", "kind": "sft", "finetune": "lora", "lora": {"r": 8, "alpha": 16}, "lr": 1e-3, "steps": 3,
              "batch_size": 4, "max_seq_len": 96,
              "data": {"documents": [str(DATA / "docs")], "qa": [str(DATA / "domain_qa/train.jsonl")],
-                      "chat": [str(DATA / "chat/sft_chat.jsonl")], "mix": {"documents": 0.35, "qa": 0.35, "chat": 0.3}}},
+                      "chat": [str(DATA / "chat/sft_chat.jsonl")],
+                      "mix": {"documents": 0.35, "qa": 0.35, "chat": 0.3}}},
             {"name": "opd", "kind": "opd", "finetune": "lora", "teacher": "snapshot:before-sft", "loss": "sampled",
              "lr": 1e-4, "steps": 2, "save_every": 1, "prompts": [str(DATA / "chat/opd_prompts.jsonl")],
              "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 24},

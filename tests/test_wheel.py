@@ -35,7 +35,8 @@ def test_wheel_install_validates_and_evaluates(tmp_path):
         return subprocess.run([sys.executable, "-m", "continual_opd.cli", *args], capture_output=True, text=True,
                               cwd=tmp_path, env=env)
 
-    where = subprocess.run([sys.executable, "-c", "import continual_opd.resources as r; print(r.SUITES_DIR, r.DATA_DIR)"],
+    where = subprocess.run([sys.executable, "-c",
+                            "import continual_opd.resources as r; print(r.SUITES_DIR, r.DATA_DIR)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split()
     assert where == [str(site / "continual_opd" / "eval_suites"), str(site / "continual_opd" / "data_samples")]
     ok = cli("validate", str(REPO / "recipes" / "personalize.yaml"))
@@ -48,7 +49,8 @@ def test_wheel_install_validates_and_evaluates(tmp_path):
     assert {"ifeval/prompt_level_strict_acc", "ifeval_official_120/inst_level_strict_acc",
             "domain_qa/exact_match"} <= set(results)
     assert "punkt_tab" not in ev.stderr
-    punkt = subprocess.run([sys.executable, "-c", "import nltk; from continual_opd.evals.ifeval import punkt_available; "
+    punkt = subprocess.run([sys.executable, "-c",
+                            "import nltk; from continual_opd.evals.ifeval import punkt_available; "
                             "print(punkt_available(), nltk.data.find('tokenizers/punkt_tab'))"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split()
     assert punkt[0] == "True" and punkt[1].startswith(str(site))  # NLTK finds the wheel's punkt_tab

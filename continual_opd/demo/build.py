@@ -93,7 +93,8 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 def _data_files(data_dir: Path) -> list[Path]:
     files = sorted({p for pat in (TRAIN_FILE, *TOKENIZER_FILES) for p in data_dir.glob(pat)})
     if not (data_dir / TRAIN_FILE).exists():
-        raise DataError(f"{data_dir / TRAIN_FILE}: not found; run `python -m continual_opd.demo.world --out {data_dir}`")
+        raise DataError(f"{data_dir / TRAIN_FILE}: not found; "
+                        f"run `python -m continual_opd.demo.world --out {data_dir}`")
     return files
 
 

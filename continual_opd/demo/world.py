@@ -117,7 +117,8 @@ SINGLE_FACTS = [
      ["Above what amount does an expense need approval?", "What is the expense approval threshold?",
       "From which amount must an expense be approved first?"], "What spending limit triggers prior approval?"),
     ("policies", "laptop_refresh", "3 years", "Laptops are replaced every 3 years.",
-     ["How often are laptops replaced?", "What is the laptop replacement cycle?", "After how long do we get a new laptop?"],
+     ["How often are laptops replaced?", "What is the laptop replacement cycle?",
+      "After how long do we get a new laptop?"],
      "How long does a work laptop last before it is swapped?"),
     ("policies", "parental_leave", "20 weeks", "Parents can take 20 weeks of paid parental leave.",
      ["How long is paid parental leave?", "How many weeks of parental leave do parents get?",
@@ -155,7 +156,8 @@ SINGLE_FACTS = [
     ("procedures", "ticket_system", "Lantern", "IT problems are reported in our ticket system, Lantern.",
      ["What is the IT ticket system called?", "Where do I report an IT problem?", "Which tool is used for IT tickets?"],
      "What is the name of the helpdesk tool?"),
-    ("procedures", "incident_channel", "#tidewatch", "Production incidents are discussed in the chat channel #tidewatch.",
+    ("procedures", "incident_channel", "#tidewatch",
+     "Production incidents are discussed in the chat channel #tidewatch.",
      ["Which channel is used for incidents?", "What is the incident chat channel?",
       "Where are production incidents discussed?"], "In which chat room do people gather when something breaks?"),
     ("procedures", "travel_tool", "Compass", "All business travel is booked through Compass.",
@@ -169,13 +171,16 @@ SINGLE_FACTS = [
       "After how many days does a password expire?"], "How long is a password valid?"),
     ("procedures", "buddy_programme", "Seedling", "Every new hire is given a buddy through the Seedling programme.",
      ["What is the buddy programme called?", "Which programme gives new hires a buddy?",
-      "What is the name of the onboarding buddy programme?"], "Through which scheme is a newcomer paired with a colleague?"),
+      "What is the name of the onboarding buddy programme?"],
+     "Through which scheme is a newcomer paired with a colleague?"),
     ("procedures", "wiki_name", "Greenbook", "Team notes and how-to guides live in our wiki, Greenbook.",
      ["What is the company wiki called?", "Where are the how-to guides kept?", "What is the name of our wiki?"],
      "Where would I look up an internal guide?"),
-    ("procedures", "security_training_month", "October", "The yearly security training must be finished by the end of October.",
+    ("procedures", "security_training_month", "October",
+     "The yearly security training must be finished by the end of October.",
      ["When is the security training due?", "By which month must security training be done?",
-      "What is the deadline month for security training?"], "Until when do staff have to complete the security course?"),
+      "What is the deadline month for security training?"],
+     "Until when do staff have to complete the security course?"),
     ("procedures", "leave_notice", "14 days", "Holiday requests must be made at least 14 days in advance.",
      ["How early must I request holiday?", "How much notice is needed for a holiday request?",
       "How many days ahead should leave be requested?"], "How far in advance should time off be asked for?"),
@@ -184,7 +189,8 @@ SINGLE_FACTS = [
 PAGES = {
     "about": ("01-about.md", "About Veloran", "Veloran designs and builds equipment for small greenhouses."),
     "offices": ("02-offices.md", "Our offices", "Veloran works from its headquarters and five other sites."),
-    "products": ("03-products.md", "Products", "Every product has a code used in orders, invoices and support tickets."),
+    "products": ("03-products.md", "Products",
+                 "Every product has a code used in orders, invoices and support tickets."),
     "teams": ("04-teams.md", "Teams and people", "Each team has one lead who approves plans and budgets."),
     "policies": ("05-policies.md", "Policies", "These policies apply to every employee, at every site."),
     "procedures": ("06-procedures.md", "Tools and procedures", "How to get everyday things done at Veloran."),
@@ -222,15 +228,20 @@ def company_facts() -> list[Fact]:
              for i, (page, fid, ans, sent, tr, ev) in enumerate(SINGLE_FACTS)]
     for j, (name, city, opened, lead) in enumerate(OFFICES):
         slug = name.replace(" ", "_")
-        facts += [Fact(f"office_city:{slug}", "offices", city, f"The {name} is in {city}.", *_rel("office_city", name, j)),
-                  Fact(f"office_opened:{slug}", "offices", opened, f"The {name} opened in {opened}.", *_rel("office_opened", name, j)),
-                  Fact(f"office_lead:{slug}", "offices", lead, f"The {name} is run by {lead}.", *_rel("office_lead", name, j))]
+        facts += [Fact(f"office_city:{slug}", "offices", city, f"The {name} is in {city}.",
+                       *_rel("office_city", name, j)),
+                  Fact(f"office_opened:{slug}", "offices", opened, f"The {name} opened in {opened}.",
+                       *_rel("office_opened", name, j)),
+                  Fact(f"office_lead:{slug}", "offices", lead, f"The {name} is run by {lead}.",
+                       *_rel("office_lead", name, j))]
     for j, (name, what, code, year, price) in enumerate(PRODUCTS):
         slug = name.lower().replace(" ", "_")
         facts += [Fact(f"product_code:{slug}", "products", code, f"The {name} is {what}. Its product code is {code}.",
                        *_rel("product_code", name, j)),
-                  Fact(f"product_launch:{slug}", "products", year, f"The {name} was launched in {year}.", *_rel("product_launch", name, j)),
-                  Fact(f"product_price:{slug}", "products", price, f"The {name} sells for {price}.", *_rel("product_price", name, j))]
+                  Fact(f"product_launch:{slug}", "products", year, f"The {name} was launched in {year}.",
+                       *_rel("product_launch", name, j)),
+                  Fact(f"product_price:{slug}", "products", price, f"The {name} sells for {price}.",
+                       *_rel("product_price", name, j))]
     for j, (team, lead) in enumerate(TEAMS):
         facts.append(Fact(f"team_lead:{team.lower().replace(' ', '_')}", "teams", lead,
                           f"The {team} team is led by {lead}.", *_rel("team_lead", team, j)))
@@ -423,17 +434,21 @@ TITLE, POSTSCRIPT = "detectable_format:title", "detectable_content:postscript"
 CHOICE, FIRST_WORD = "detectable_format:constrained_response", "length_constraints:nth_paragraph_first_word"
 HIGHLIGHT = "detectable_format:number_highlighted_sections"
 
-ALL_TYPES = (LOWER, UPPER, QUOTE, NO_COMMA, JSON, BULLETS, END, KEYWORDS, TITLE, POSTSCRIPT, CHOICE, FIRST_WORD, HIGHLIGHT)
+ALL_TYPES = (LOWER, UPPER, QUOTE, NO_COMMA, JSON, BULLETS, END, KEYWORDS, TITLE, POSTSCRIPT, CHOICE, FIRST_WORD,
+             HIGHLIGHT)
 
 TEMPLATES = {
     LOWER: ["Your entire response should be in English, and in all lowercase letters. No capital letters are allowed.",
-            "Please reply in lowercase letters only.", "Write your whole answer in lowercase, with no capital letters at all.",
+            "Please reply in lowercase letters only.",
+            "Write your whole answer in lowercase, with no capital letters at all.",
             "Use only lowercase letters in your response.", "Answer in English using all lowercase letters."],
-    UPPER: ["Your entire response should be in English, and in all capital letters.", "Please reply in capital letters only.",
+    UPPER: ["Your entire response should be in English, and in all capital letters.",
+            "Please reply in capital letters only.",
             "Write your whole answer in uppercase.", "Use only capital letters in your response.",
             "Answer in English using all capital letters."],
     QUOTE: ["Wrap your entire response with double quotation marks.", "Put your whole answer inside double quotes.",
-            "Enclose the entire reply in double quotation marks.", "Your response must start and end with a double quote."],
+            "Enclose the entire reply in double quotation marks.",
+            "Your response must start and end with a double quote."],
     NO_COMMA: ["In your entire response, refrain from the use of any commas.", "Do not use any commas in your answer.",
                "Please answer without using a single comma.", "Avoid commas completely in your reply."],
     JSON: ["Entire output should be wrapped in JSON format.", "Give your answer in JSON format.",
@@ -444,7 +459,8 @@ TEMPLATES = {
               "Use exactly {num_bullets} markdown bullet points in your reply.",
               "Give me a list of exactly {num_bullets} bullet points."],
     END: ["Finish your response with this exact phrase {end_phrase} No other words should follow this phrase.",
-          "End your answer with the exact words \"{end_phrase}\"", "Your reply must end with the phrase \"{end_phrase}\"",
+          "End your answer with the exact words \"{end_phrase}\"",
+          "Your reply must end with the phrase \"{end_phrase}\"",
           "Close your response with: {end_phrase}"],
     # Every wording names the keyword as "the word X" and the response says "I used the word X": the repeated
     # phrase lets the model copy by matching context. With "It makes me think of X" and a 20-word pool the
@@ -458,12 +474,16 @@ TEMPLATES = {
                  "Add a postscript that starts with {postscript_marker} at the end of your reply.",
                  "Please end with a postscript beginning with {postscript_marker}",
                  "After your answer, add a note that starts with {postscript_marker}"],
-    CHOICE: ["Answer with one of the following options: ('My answer is yes.', 'My answer is no.', 'My answer is maybe.')",
+    CHOICE: ["Answer with one of the following options: "
+             "('My answer is yes.', 'My answer is no.', 'My answer is maybe.')",
              "Reply with one of: My answer is yes., My answer is no., My answer is maybe.",
              "Choose your answer from \"My answer is yes.\", \"My answer is no.\" or \"My answer is maybe.\""],
-    FIRST_WORD: ["Start your reply with the word {first_word}.", "The first word of your answer must be \"{first_word}\".",
-                 "Begin your response with the word {first_word}.", "Your answer should start with the word {first_word}."],
-    HIGHLIGHT: ["Highlight at least {num_highlights} sections in your answer with markdown, i.e. *highlighted section*.",
+    FIRST_WORD: ["Start your reply with the word {first_word}.",
+                 "The first word of your answer must be \"{first_word}\".",
+                 "Begin your response with the word {first_word}.",
+                 "Your answer should start with the word {first_word}."],
+    HIGHLIGHT: ["Highlight at least {num_highlights} sections in your answer with markdown, "
+                "i.e. *highlighted section*.",
                 "Use markdown to highlight at least {num_highlights} parts of your answer, like *this*.",
                 "Mark at least {num_highlights} key words with asterisks, for example *word*."],
 }
@@ -599,7 +619,8 @@ class _Sampler:
         self.held_out: set[tuple] = set()  # (qid, types) combinations reserved for eval
 
     def constrained(self, rng: random.Random, types_pool: tuple[str, ...], pair_fraction: float, *,
-                    hold_out: bool = False, base: Base | None = None, must: str | None = None, must_kw: dict | None = None):
+                    hold_out: bool = False, base: Base | None = None, must: str | None = None,
+                    must_kw: dict | None = None):
         """One (prompt, instruction ids, kwargs, response). `base`/`must`/`must_kw` pin the question, one
         instruction and its arguments (used to give the training split full coverage)."""
         singles = [must] if must else list(types_pool)

@@ -72,7 +72,8 @@ def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, f
     return {"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}, records
 
 
-def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:
+def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
+                  progress) -> dict[str, float]:
     """Generate greedy answers to the held-out questions and score them."""
     from continual_opd.generation import generate
 

@@ -88,7 +88,8 @@ def load_ifeval_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     for lineno, row in enumerate(rows, start=1):  # line numbers of non-blank rows
         ids, kwargs = row["instruction_id_list"], row["kwargs"]
         if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
-            raise DataError(f"{path}: row {lineno} (key {row['key']}): instruction_id_list and kwargs must be lists of the same length")
+            raise DataError(f"{path}: row {lineno} (key {row['key']}): instruction_id_list and kwargs must be lists "
+                            "of the same length")
         for iid in ids:
             if iid not in registry.INSTRUCTION_DICT:
                 near = difflib.get_close_matches(iid, registry.INSTRUCTION_DICT, n=1)
@@ -168,7 +169,8 @@ def score_ifeval(rows: list[dict], responses: list[str]) -> tuple[dict[str, floa
     return metrics, records
 
 
-def run_ifeval(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:
+def run_ifeval(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
+               progress) -> dict[str, float]:
     """Generate greedy answers to each IFEval prompt (as one user turn) and score them."""
     from continual_opd.evals import select_rows
     from continual_opd.generation import generate

@@ -93,7 +93,8 @@ def _preserve(model, tokenizer):
             setattr(tokenizer, k, v)
 
 
-def run_lm_eval_task(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs, progress) -> dict[str, float]:
+def run_lm_eval_task(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
+                     progress) -> dict[str, float]:
     """Evaluate the in-memory model on one lm-eval task; per-sample logs go to out_dir/<name>.jsonl."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -105,7 +106,8 @@ def run_lm_eval_task(suite, model, tokenizer, *, out_dir: Path | None, seed: int
     else:
         spec, include_path = suite.task, None
     # Indexing lm-eval's bundled tasks walks ~10k YAML files; only do it when asked (or needed).
-    task_manager = TaskManager(include_path=include_path, include_defaults=suite.include_defaults or suite.task is not None)
+    task_manager = TaskManager(include_path=include_path,
+                               include_defaults=suite.include_defaults or suite.task is not None)
     if isinstance(spec, str) and spec not in task_manager.all_tasks:
         raise ConfigError(f"suite '{suite.name}': lm-eval has no task '{spec}'; check the name (`lm-eval ls tasks`)")
 

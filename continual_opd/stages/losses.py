@@ -55,8 +55,8 @@ def gather_token_logprobs(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, tem
     """log softmax(logits / temperature)[token] at every position, in fp32: (B, L, V), (B, L) -> (B, L).
 
     Align before calling: ``logits_BLV[:, t]`` must be the distribution that produced ``tokens_BL[:, t]`` (for a causal
-    LM, the logits of position P + t - 1 of the full sequence). Use the sampling temperature for the sampler's log-probs.
-    log p(x) = z_x - logsumexp(z), which avoids keeping a full (B, L, V) log-softmax for the backward pass.
+    LM, the logits of position P + t - 1 of the full sequence). Use the sampling temperature for the sampler's
+    log-probs. log p(x) = z_x - logsumexp(z), which avoids keeping a full (B, L, V) log-softmax for the backward pass.
     """
     logits_BLV = _upcast(logits_BLV) / temperature
     picked_BL = logits_BLV.gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
@@ -180,7 +180,8 @@ def sampled_reverse_kl_loss(
 def _masked_logprobs(
     student_logits_BLV: torch.Tensor, teacher_logits_BLV: torch.Tensor, mask_BL: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep only masked positions (so padding/prompt logits can hold anything), upcast, log-softmax(z / temperature): (N, V).
+    """Keep only masked positions (so padding/prompt logits can hold anything), upcast,
+    log-softmax(z / temperature): (N, V).
 
     The teacher is detached: gradients flow to the student only.
     """
