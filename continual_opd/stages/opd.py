@@ -213,13 +213,13 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, stage))
-    start = 0
-    if ctx.resume_from is not None:  # every rank loads the same checkpoint before the model is wrapped
-        start = checkpoints.load_training_state(ctx.resume_from, model, optimizer, scheduler)
     accelerator, trained = _accelerator(stage, world), model
     if world > 1:  # DDP, or FSDP2 / ZeRO-3 as the accelerate config says; the scheduler stays ours (steps once)
         trained, optimizer = accelerator.prepare(model, optimizer)
         model = accelerator.unwrap_model(trained)  # generation, evals and checkpoints use the plain module
+    start = 0
+    if ctx.resume_from is not None:  # every rank, after prepare: a sharded (FSDP2) model takes its shards
+        start = checkpoints.load_training_state(ctx.resume_from, model, optimizer, scheduler)
     sampler = make_sampler(stage, model, tok, accelerator, tmpl_kw)
     model.train()
     cadence = EvalCadence(stage, ctx.evaluate, ctx.sink)
@@ -265,9 +265,9 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
                 model.train()
             if stage.save_every and step % stage.save_every == 0:
                 last_good = checkpoints.path(ctx.stage_dir, step)
-                if writer:
-                    checkpoints.save_training_state(last_good, model, optimizer, scheduler, step,
-                                                    {**ctx.checkpoint_meta, "step": step})
+                # every rank: a sharded model is gathered (a collective) before rank 0 writes
+                checkpoints.save_training_state(last_good, model, optimizer, scheduler, step,
+                                                {**ctx.checkpoint_meta, "step": step}, write=writer)
                 distributed.barrier()
     bar.close()
     return StageResult(model=model, results=cadence.final(model), steps=stage.steps)
