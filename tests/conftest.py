@@ -103,3 +103,12 @@ def shared_dir() -> Path:
     if not _SHARED.is_dir():
         pytest.skip(f"{_SHARED} not present (optional shared data)")
     return _SHARED
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import free_port
 from continual_opd import checkpoints
 from continual_opd.stages.opd import opd_step
 from dist_worker import grad_setup, run_eval
@@ -32,17 +32,11 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_availabl
                                 or not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 <args>`, one thread per process (2 cores, 2 processes)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
     # this checkout's package first: an editable install elsewhere must not stand in for it in the workers
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}",
                 "ACCELERATE_CONFIG_FILE": "/nonexistent", **(env or {})}

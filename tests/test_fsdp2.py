@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import free_port
 from continual_opd import checkpoints
 from continual_opd.stages.opd import opd_step
 from dist_worker import grad_setup
@@ -36,17 +36,11 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_availabl
                                 or not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """tests/fsdp_worker.py ARGS under the shipped FSDP2 config with 2 processes, one thread each."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), str(HERE / "fsdp_worker.py"), *args]
+           "--num_processes", "2", "--main_process_port", str(free_port()), str(HERE / "fsdp_worker.py"), *args]
     # this checkout's package first: an editable install elsewhere must not stand in for it in the workers
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}",
                 **(env or {})}
