@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--attn-implementation", help="e.g. sdpa, flash_attention_2")
     e.add_argument("--limit", type=int, help="evaluate only the first N rows of each suite (quick checks)")
-    e.add_argument("--batch-size", type=int, help="override each suite's generation batch size")
+    e.add_argument("--batch-size", type=int, help="override each suite's generation batch size (answers in flight)")
+    e.add_argument("--engine", choices=["continuous", "hf", "vllm"], default="continuous",
+                   help="generation engine: continuous batching (default), transformers' generate, or vLLM (GPU)")
     e.add_argument("--max-new-tokens", type=int, help="override each suite's answer length cap")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--suite", action="append", required=True,
@@ -214,9 +216,14 @@ def _eval(args) -> int:
     model = models.load_model(models.ModelRef(base), cfg)
     log.info("model %s ready in %.1f s (%s)", args.model, time.perf_counter() - t0, next(model.parameters()).dtype)
     results = {}
+    engine = args.engine
+    if engine == "vllm":  # one engine for every suite
+        from continual_opd.engines import make_engine
+
+        engine = make_engine("vllm", model, tok)
     for suite in suites:
         values = run_suite(suite, model, tok, out if distributed.is_main() else None, seed=args.seed,
-                           chat_template_kwargs=cfg.chat_template_kwargs, progress=progress)
+                           chat_template_kwargs=cfg.chat_template_kwargs, progress=progress, engine=engine)
         results.update({f"{suite.name}/{k}": v for k, v in values.items()})
     if not distributed.is_main():
         return 0

@@ -105,6 +105,9 @@ class EvalsConfig(Strict):
     kl_prompts: str | None = None
     kl_num_prompts: int = Field(32, gt=0)  # the first N prompts of kl_prompts
     kl_max_new_tokens: int = Field(48, gt=0)  # length of the stage-start snapshot's greedy answers it scores
+    # Generation engine for the suites' answers (engines.py): continuous (continuous batching, up to a suite's
+    # batch_size answers in flight; any device), hf (transformers' generate on batches of batch_size), or vllm (GPU).
+    engine: Literal["hf", "continuous", "vllm"] = "continuous"
 
 
 class SelfChatConfig(Strict):
@@ -123,7 +126,8 @@ class SelfChatConfig(Strict):
     # 1.0 samples from the model's own distribution: SFT on such samples leaves the model unchanged in expectation
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(32, gt=0)  # prompts per generate() call
+    batch_size: int = Field(32, gt=0)  # answers generated together
+    engine: Literal["hf", "continuous"] = "hf"  # generation engine (engines.py)
     # Answers that hit max_new_tokens without an end token are dropped by default (runaway loops, cut sentences).
     keep_truncated: bool = False
 
@@ -243,9 +247,10 @@ class OPDStage(TrainStageBase):
     beta: float = Field(0.5, ge=0, le=1)  # jsd interpolation (0 = forward KL, 1 = reverse KL)
     gamma: float = Field(0.0, ge=0, le=1)  # discount for the sampled estimator (0 = per-token, as the reference)
     replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(batch_size=0))  # off unless batch_size > 0
-    # Rollout engine: hf (the student's generate; any device) or vllm (GPU; TRL's colocated vLLM, weights pushed
-    # after every update). Both give the same masks and stop tokens.
-    sampler: Literal["hf", "vllm"] = "hf"
+    # Rollout engine (engines.py): hf (the student's generate; any device), continuous (continuous batching; any
+    # device) or vllm (GPU; TRL's colocated vLLM, weights pushed after every update). All give the same masks and stop
+    # tokens.
+    sampler: Literal["hf", "continuous", "vllm"] = "hf"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @model_validator(mode="after")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from continual_opd import distributed
 
 from continual_opd.errors import ModelError
+
+if TYPE_CHECKING:
+    from continual_opd.engines import Engine
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
@@ -44,6 +47,10 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt],
         tokenizer.apply_chat_template(_as_messages(p), add_generation_prompt=True, tokenize=False, **kwargs)
         for p in prompts
     ]
+
+
+def _device(model) -> torch.device:
+    return getattr(model, "device", None) or next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -112,27 +119,29 @@ def generate(
     seed: int | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     progress: str | bool | None = None,
+    engine: "str | Engine" = "hf",
 ) -> list[str]:
     """Generate one completion per prompt; returns decoded new text in the prompts' order.
 
-    Prompts are sorted by token length (longest first) so each batch pads little and an
-    out-of-memory error, if any, shows up in the first batch rather than the last. Greedy by
-    default; with `do_sample`, `seed` makes the draw reproducible (same seed, same batch size).
-    `progress`: a description string (or True) shows a tqdm bar with ETA.
+    `engine` (engines.py): `hf` generates `batch_size` prompts at a time; `continuous` keeps up to `batch_size`
+    answers in flight and refills a slot as soon as an answer ends; `vllm` (or an `Engine` instance) takes them all.
+    Prompts are sorted by token length (longest first) so each batch pads little and an out-of-memory error, if any,
+    shows up first rather than last. Greedy by default; with `do_sample`, `seed` makes the draw reproducible (same
+    seed, same engine and batch size). `progress`: a description string (or True) shows a tqdm bar with ETA.
     """
+    from continual_opd.engines import SamplingParams, make_engine
+
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
     if not prompts:
         return []
     texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
     # The template already inserts any BOS it wants; add_special_tokens=False avoids a double BOS.
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))  # stable: ties keep input order
-    gen_config = generation_config(
-        model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
-    )
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: (-len(ids[i]), i))  # stable: ties keep input order
     if seed is not None:
         torch.manual_seed(seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
 
     # Under several processes each rank generates whole batches of the one-process batching (distributed.py), so
     # the gathered answers are the ones a single process would give.
@@ -145,22 +154,20 @@ def generate(
         bar = tqdm(total=sum(map(len, batches)), desc=progress if isinstance(progress, str) else "generate",
                    unit="prompt")
     mine: list[tuple[int, str]] = []
-    device = getattr(model, "device", None) or next(model.parameters()).device
     try:
         with generation_mode(model, tokenizer), torch.no_grad():
-            for idx in batches:
-                if not idx and not synced:
+            if engine == "continuous" and synced:  # ranks of a sharded model must run every forward together
+                engine = "hf"
+            eng = make_engine(engine, model, tokenizer, max_batch=batch_size) if isinstance(engine, str) else engine
+            # hf takes one batch per call (a filler batch keeps synced ranks in step); the others take a rank's all
+            calls = batches if eng.per_batch else [[i for b in batches for i in b]]
+            for idx in calls:
+                if not idx and not (synced and eng.per_batch):
                     continue
-                enc = tokenizer(
-                    [texts[i] for i in idx or order[:1]], return_tensors="pt", padding=True, add_special_tokens=False
-                ).to(device)
-                out_BT = model.generate(**enc, generation_config=gen_config,
-                                        **({"synced_gpus": True} if synced else {}))
-                new_BT = out_BT[:, enc["input_ids"].shape[1] :]  # left padding: prompts all end here
+                done = eng.generate([ids[i] for i in idx or order[:1]], params,
+                                    progress=bar.update if bar is not None and idx else None)
                 # a filler batch adds none
-                mine.extend(zip(idx, tokenizer.batch_decode(new_BT, skip_special_tokens=True)))
-                if bar is not None:
-                    bar.update(len(idx))
+                mine.extend(zip(idx, tokenizer.batch_decode([c.token_ids for c in done], skip_special_tokens=True)))
     finally:
         if bar is not None:
             bar.close()
@@ -210,6 +217,27 @@ def rollouts_from_ids(prompt_ids_BP: torch.Tensor, prompt_attention_BP: torch.Te
                     ~is_stop_BL.any(1))
 
 
+def rollouts_from_lists(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, stop_ids,
+                        device) -> Rollouts:
+    """Lists of token ids (one prompt row per answer) -> left-padded prompts + right-padded responses, masked like
+    `generate`'s rollouts (the engines other than hf return lists)."""
+    P = max(len(p) for p in prompt_ids)
+    L = max(1, max(len(c) for c in completion_ids))
+    B = len(prompt_ids)
+    prompt_BP = torch.full((B, P), pad_id, dtype=torch.long)
+    attn_BP = torch.zeros((B, P), dtype=torch.long)
+    # Padding after an answer's end token is masked by rollouts_from_ids; a pad after an answer that hit the cap
+    # must not read as an end token, so cap-length answers are padded with their own last token.
+    resp_BL = torch.full((B, L), pad_id, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        prompt_BP[b, P - len(p):], attn_BP[b, P - len(p):] = torch.tensor(p), 1
+        if c:
+            resp_BL[b, :len(c)] = torch.tensor(list(c))
+            if not any(t in stop_ids for t in c):
+                resp_BL[b, len(c):] = c[-1]
+    return rollouts_from_ids(prompt_BP.to(device), attn_BP.to(device), resp_BL.to(device), stop_ids)
+
+
 @torch.no_grad()
 def sample_rollouts(
     model,
@@ -221,13 +249,29 @@ def sample_rollouts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     chat_template_kwargs: dict[str, Any] | None = None,
+    engine: str = "hf",
+    max_batch: int = 64,
 ) -> Rollouts:
     """Sample `samples_per_prompt` answers per prompt (rows grouped by prompt), stopping on the same stop ids as
-    evals (`stop_token_ids`). Uses the model's KV-cached `generate`."""
+    evals (`stop_token_ids`). `engine` hf: the model's KV-cached `generate` on all prompts at once; continuous: up to
+    `max_batch` answers in flight (engines.py)."""
+    if engine == "continuous" and distributed.is_sharded(model):  # ranks of a sharded model run forwards together
+        engine = "hf"
+    if engine != "hf":
+        from continual_opd.engines import SamplingParams, make_engine
+
+        texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
+        ids = [p for p in tokenizer(texts, add_special_tokens=False)["input_ids"] for _ in range(samples_per_prompt)]
+        with generation_mode(model, tokenizer):
+            eng = make_engine(engine, model, tokenizer, max_batch=max_batch)
+            done = eng.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, do_sample=True,
+                                                    temperature=temperature, top_p=top_p))
+        return rollouts_from_lists(ids, [c.token_ids for c in done], tokenizer.pad_token_id,
+                                   stop_token_ids(model, tokenizer), device=_device(model))
     texts = render_prompts(tokenizer, prompts, chat_template_kwargs)
     gen_config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=True,
                                    temperature=temperature, top_p=top_p, num_return_sequences=samples_per_prompt)
-    device = getattr(model, "device", None) or next(model.parameters()).device
+    device = _device(model)
     with generation_mode(model, tokenizer):  # left padding + eval mode, restored after (even on error)
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out_BT = model.generate(**enc, generation_config=gen_config,

@@ -1,4 +1,5 @@
-"""Where OPD rollouts come from: HF `generate` (any device, the default) or vLLM colocated with training (GPU).
+"""Where OPD rollouts come from: HF `generate` (any device, the default), the continuous-batching engine (any device)
+or vLLM colocated with training (GPU).
 
 Both return `Rollouts` with the same masks and stop tokens (generation.rollouts_from_ids), so the step, the losses
 and the monitors do not know which sampler ran. `weights_changed()` is called after every optimizer step.
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from continual_opd.config import OPDStage
-from continual_opd.errors import ConfigError
-from continual_opd.generation import Rollouts, render_prompts, rollouts_from_ids, sample_rollouts, stop_token_ids
+from continual_opd.generation import (Rollouts, generation_mode, render_prompts, rollouts_from_lists, sample_rollouts,
+                                      stop_token_ids)
 
 log = logging.getLogger(__name__)
 
@@ -39,75 +39,54 @@ class HFSampler:
         pass
 
 
-class VLLMSampler:
-    """vLLM rollouts through TRL's `VLLMGeneration` (colocate). `engine` replaces it in tests (a fake on CPU)."""
+class EngineSampler:
+    """Rollouts from a generation engine (`continuous` or `vllm`, engines.py): one row per sample, grouped by prompt,
+    masked like HF rollouts. The vllm engine pushes the student's weights in before sampling after a step."""
 
-    def __init__(self, model, tokenizer, stage: OPDStage, accelerator, chat_template_kwargs: dict | None = None,
-                 engine=None):
-        self.model, self.tokenizer, self.stage, self.kw = model, tokenizer, stage, chat_template_kwargs
+    def __init__(self, engine, model, tokenizer, stage: OPDStage, chat_template_kwargs: dict | None = None):
+        self.engine, self.model, self.tokenizer, self.stage = engine, model, tokenizer, stage
+        self.kw = chat_template_kwargs
         self.stop_ids = stop_token_ids(model, tokenizer)
-        if engine is None:
-            engine = _trl_engine(model, tokenizer, stage, accelerator, self.stop_ids)
-        self.engine = engine
-        # With sleep mode, TRL drops the engine's weights after each rollout and pushes the live ones before the
-        # next, so every rollout already sees the latest update; without it we push after every optimizer step.
-        self._stale = not getattr(engine, "enable_sleep_mode", False)
-        self.syncs = 0
 
     def weights_changed(self) -> None:
-        self._stale = not getattr(self.engine, "enable_sleep_mode", False)
+        getattr(self.engine, "weights_changed", lambda: None)()
 
     def sample(self, prompts: list) -> Rollouts:
-        if self._stale:
-            self.engine.sync_weights()
-            self.syncs += 1
-            self._stale = False
+        from continual_opd.engines import SamplingParams
+
+        s = self.stage
         texts = render_prompts(self.tokenizer, prompts, self.kw)
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ids = [p for p in ids for _ in range(self.stage.samples_per_prompt)]  # rows grouped by prompt, as HF's
-        prompt_ids, completion_ids, _, _ = self.engine.generate(ids, None, 1)
-        return _to_rollouts(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.stop_ids,
-                            device=next(self.model.parameters()).device)
+        ids = [p for p in ids for _ in range(s.samples_per_prompt)]  # rows grouped by prompt, as HF's
+        with generation_mode(self.model, self.tokenizer):
+            done = self.engine.generate(ids, SamplingParams(max_new_tokens=s.max_new_tokens, do_sample=True,
+                                                            temperature=s.temperature, top_p=s.top_p))
+        return rollouts_from_lists(ids, [c.token_ids for c in done], self.tokenizer.pad_token_id, self.stop_ids,
+                                   device=next(self.model.parameters()).device)
 
 
-def _to_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, stop_ids,
-                 device) -> Rollouts:
-    """Lists of token ids → left-padded prompts + right-padded responses, masked like HF rollouts."""
-    P = max(len(p) for p in prompt_ids)
-    L = max(1, max(len(c) for c in completion_ids))
-    B = len(prompt_ids)
-    prompt_BP = torch.full((B, P), pad_id, dtype=torch.long)
-    attn_BP = torch.zeros((B, P), dtype=torch.long)
-    # Padding after an answer's end token is masked by rollouts_from_ids; a pad after an answer that hit the cap
-    # must not read as an end token, so cap-length answers are padded with their own last token.
-    resp_BL = torch.full((B, L), pad_id, dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        prompt_BP[b, P - len(p):], attn_BP[b, P - len(p):] = torch.tensor(p), 1
-        if c:
-            resp_BL[b, :len(c)] = torch.tensor(list(c))
-            if not any(t in stop_ids for t in c):
-                resp_BL[b, len(c):] = c[-1]
-    return rollouts_from_ids(prompt_BP.to(device), attn_BP.to(device), resp_BL.to(device), stop_ids)
+def VLLMSampler(model, tokenizer, stage: OPDStage, accelerator, chat_template_kwargs: dict | None = None,
+                engine=None) -> EngineSampler:
+    """vLLM rollouts through TRL's `VLLMGeneration` (colocate). `engine` replaces it in tests (a fake on CPU)."""
+    from continual_opd.engines import VLLMEngine, trl_vllm
 
-
-def _trl_engine(model, tokenizer, stage: OPDStage, accelerator, stop_ids):
-    from trl.import_utils import is_vllm_available
-
-    if not is_vllm_available():
-        raise ConfigError("sampler: vllm needs the vllm package on a CUDA machine (pip install vllm); "
-                          "use sampler: hf on this machine")
-    from trl.generation.vllm_generation import VLLMGeneration
-
-    v = stage.vllm
-    return VLLMGeneration(model, accelerator, tokenizer, mode="colocate",
-                          gpu_memory_utilization=v.gpu_memory_utilization,
-                          max_model_length=v.max_model_len, enable_sleep_mode=v.enable_sleep_mode,
-                          tensor_parallel_size=v.tensor_parallel_size, temperature=stage.temperature, top_p=stage.top_p,
-                          max_completion_length=stage.max_new_tokens, logprobs=None,
-                          generation_kwargs={"stop_token_ids": list(stop_ids)})
+    stop = stop_token_ids(model, tokenizer)
+    if engine is None:
+        v = stage.vllm
+        engine = trl_vllm(model, tokenizer, stop, accelerator=accelerator,
+                          gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
+                          enable_sleep_mode=v.enable_sleep_mode, tensor_parallel_size=v.tensor_parallel_size,
+                          temperature=stage.temperature, top_p=stage.top_p, max_new_tokens=stage.max_new_tokens)
+    return EngineSampler(VLLMEngine(model, tokenizer, stop, llm=engine), model, tokenizer, stage, chat_template_kwargs)
 
 
 def make_sampler(stage: OPDStage, model, tokenizer, accelerator, chat_template_kwargs: dict | None = None):
     if stage.sampler == "vllm":
         return VLLMSampler(model, tokenizer, stage, accelerator, chat_template_kwargs)
+    if stage.sampler == "continuous":
+        from continual_opd.engines import make_engine
+
+        rows = stage.prompts_per_step * stage.samples_per_prompt
+        engine = make_engine("continuous", model, tokenizer, max_batch=rows)
+        return EngineSampler(engine, model, tokenizer, stage, chat_template_kwargs)
     return HFSampler(model, tokenizer, stage, chat_template_kwargs)

@@ -106,6 +106,8 @@ def ensure_self_chat(cfg: SelfChatConfig, out_dir: Path, model, tokenizer, *, mo
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(map(len, batches)), desc="self-chat", unit="prompt")
+    if cfg.engine != "hf":  # continuous batching refills freed slots from all of this rank's prompts
+        batches = [[i for b in batches for i in b]]
     try:
         for idx in batches:
             if not idx:
@@ -113,7 +115,8 @@ def ensure_self_chat(cfg: SelfChatConfig, out_dir: Path, model, tokenizer, *, mo
             batch = [prompts[i] for i in idx]
             ro = sample_rollouts(model, tokenizer, batch, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                 chat_template_kwargs=chat_template_kwargs)
+                                 chat_template_kwargs=chat_template_kwargs, engine=cfg.engine,
+                                 max_batch=cfg.batch_size)
             for i, tokens_L, mask_L, cut in zip(idx, ro.tokens_BL, ro.response_mask_BL, ro.truncated_B):
                 answer = tokenizer.decode(tokens_L[mask_L], skip_special_tokens=True).strip()
                 truncated += int(cut)

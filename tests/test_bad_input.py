@@ -159,8 +159,8 @@ CASES = [
      "{root}/m/config.json:2: model.name: invalid JSON (Expecting property name enclosed in double quotes); repair "
      "the file or point model.name at another model directory"),
     ("unknown sampler", lambda r: _override(r, "stages.2.sampler=sglang"),
-     "{root}/recipe.yaml: command-line override 'stages.2.sampler=sglang': stages.2.sampler: Input should be 'hf' or "
-     "'vllm' (got 'sglang')"),
+     "{root}/recipe.yaml: command-line override 'stages.2.sampler=sglang': stages.2.sampler: Input should be 'hf', "
+     "'continuous' or 'vllm' (got 'sglang')"),
 ]
 
 

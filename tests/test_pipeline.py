@@ -292,11 +292,12 @@ def _self_chat_recipe(world, out: Path, **self_chat) -> Path:
     return path
 
 
-def test_self_chat_is_the_models_own_answers_and_is_reused_on_resume(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["hf", "continuous"])
+def test_self_chat_is_the_models_own_answers_and_is_reused_on_resume(world, tmp_path, monkeypatch, engine):
     from continual_opd import self_chat
 
     out = tmp_path / "selfchat"
-    run_recipe(load_recipe(_self_chat_recipe(world, out)), progress=False)
+    run_recipe(load_recipe(_self_chat_recipe(world, out, engine=engine)), progress=False)
     path = out / "stages/01-sft/self_chat.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 6 and [r["messages"][0] for r in rows] == [c["messages"][0] for c in CHAT[:6]]
@@ -311,13 +312,14 @@ def test_self_chat_is_the_models_own_answers_and_is_reused_on_resume(world, tmp_
     # reused: a second stage run with the same settings does not generate again
     monkeypatch.setattr("continual_opd.generation.sample_rollouts",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated again")))
-    p, stats = self_chat.ensure_self_chat(load_recipe(_self_chat_recipe(world, out)).stages[1].data.self_chat,
-                                          out / "stages/01-sft", None, None, model_ref=meta["model"], seed=0)
+    cfg = load_recipe(_self_chat_recipe(world, out, engine=engine)).stages[1].data.self_chat
+    p, stats = self_chat.ensure_self_chat(cfg, out / "stages/01-sft", None, None, model_ref=meta["model"], seed=0)
     assert p == path and path.read_bytes() == before and stats == meta["stats"]
     # other settings: generated again (with the real sampler), never reused
     monkeypatch.undo()
     model, tok = build_tiny_lm()
-    changed = load_recipe(_self_chat_recipe(world, out)).stages[1].data.self_chat.model_copy(update={"num_prompts": 4})
+    changed = load_recipe(_self_chat_recipe(world, out, engine=engine)).stages[1].data.self_chat.model_copy(
+        update={"num_prompts": 4})
     _, stats = self_chat.ensure_self_chat(changed, out / "stages/01-sft", model, tok, model_ref=meta["model"], seed=0,
                                           progress=False)
     assert stats["prompts"] == 4 and len(path.read_text().splitlines()) == 4

@@ -12,7 +12,8 @@ import torch
 
 from continual_opd.config import OPDStage
 from continual_opd.generation import stop_token_ids
-from continual_opd.samplers import VLLMSampler, _to_rollouts
+from continual_opd.generation import rollouts_from_lists
+from continual_opd.samplers import VLLMSampler
 from continual_opd.stages.opd import opd_step
 from conftest import build_tiny_lm
 
@@ -47,7 +48,8 @@ class FakeLLM:
         outs = []
         for p in prompts:
             ids = torch.tensor([p["prompt_token_ids"]])
-            gen = self.copy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+            gen = self.copy.generate(ids, attention_mask=torch.ones_like(ids),
+                                     do_sample=sampling_params["temperature"] > 0,
                                      max_new_tokens=sampling_params["max_tokens"], pad_token_id=0,
                                      eos_token_id=sampling_params["stop_token_ids"])
             outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
@@ -120,7 +122,7 @@ def test_vllm_sampler_gets_the_students_weights_after_every_step(monkeypatch, fi
 def test_vllm_rollouts_are_masked_like_hf_rollouts():
     stop = [7]
     # answer 0 ends with the stop token; answer 1 hit the cap (no stop); answer 2 is shorter and ends early
-    r = _to_rollouts([[1, 2], [3], [4, 5, 6]], [[9, 7], [9, 9, 9], [7]], pad_id=7, stop_ids=stop, device="cpu")
+    r = rollouts_from_lists([[1, 2], [3], [4, 5, 6]], [[9, 7], [9, 9, 9], [7]], pad_id=7, stop_ids=stop, device="cpu")
     assert r.ids_BT.shape == (3, 6)
     assert r.response_mask_BL.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
     assert r.truncated_B.tolist() == [False, True, False]
@@ -136,5 +138,5 @@ def test_vllm_sampler_without_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.import_module("trl.import_utils"), "is_vllm_available", lambda: False)
     student, tok = build_tiny_lm(seed=0)
     stage = OPDStage(name="opd", kind="opd", prompts=["p.jsonl"], sampler="vllm")
-    with pytest.raises(ConfigError, match="sampler: vllm needs the vllm package"):
+    with pytest.raises(ConfigError, match="vllm needs the vllm package"):
         VLLMSampler(student, tok, stage, None)

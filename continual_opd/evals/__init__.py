@@ -189,8 +189,11 @@ def run_suite(
     seed: int = 0,
     chat_template_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    engine: Any = "continuous",
 ) -> dict[str, float]:
     """Run one suite on a model in memory → flat {metric: value}, including `eval_time_s`.
+
+    `engine`: the generation engine's name or an `engines.Engine` (lm_eval_task suites use lm-eval's own HF model).
 
     Generations (one JSON row per example, with its scores) go to `out_dir/<suite.name>.jsonl`
     when `out_dir` is given. The model is left in the train/eval mode it came in.
@@ -199,6 +202,8 @@ def run_suite(
     start = time.perf_counter()
     kwargs = dict(out_dir=Path(out_dir) if out_dir is not None else None, seed=seed,
                   chat_template_kwargs=chat_template_kwargs, progress=progress)
+    if suite.kind in ("ifeval", "domain_qa"):
+        kwargs["engine"] = engine
     if suite.kind == "ifeval":
         from continual_opd.evals.ifeval import run_ifeval as runner
     elif suite.kind == "domain_qa":

@@ -73,7 +73,7 @@ def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, f
 
 
 def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
-                  progress) -> dict[str, float]:
+                  progress, engine="continuous") -> dict[str, float]:
     """Generate greedy answers to the held-out questions and score them."""
     from continual_opd.generation import generate
 
@@ -83,7 +83,7 @@ def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, c
     responses = generate(
         model, tokenizer, [build_prompt(r["question"], suite.instruction) for r in rows],
         max_new_tokens=suite.max_new_tokens, batch_size=suite.batch_size, seed=seed,
-        chat_template_kwargs=chat_template_kwargs, progress=f"eval {suite.name}" if progress else None,
+        chat_template_kwargs=chat_template_kwargs, progress=f"eval {suite.name}" if progress else None, engine=engine,
     )
     metrics, records = score_domain_qa(rows, responses)
     if out_dir is not None:

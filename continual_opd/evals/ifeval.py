@@ -170,7 +170,7 @@ def score_ifeval(rows: list[dict], responses: list[str]) -> tuple[dict[str, floa
 
 
 def run_ifeval(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
-               progress) -> dict[str, float]:
+               progress, engine="continuous") -> dict[str, float]:
     """Generate greedy answers to each IFEval prompt (as one user turn) and score them."""
     from continual_opd.evals import select_rows
     from continual_opd.generation import generate
@@ -179,7 +179,7 @@ def run_ifeval(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat
     responses = generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=suite.max_new_tokens,
         batch_size=suite.batch_size, seed=seed, chat_template_kwargs=chat_template_kwargs,
-        progress=f"eval {suite.name}" if progress else None,
+        progress=f"eval {suite.name}" if progress else None, engine=engine,
     )
     metrics, records = score_ifeval(rows, responses)
     if out_dir is not None:

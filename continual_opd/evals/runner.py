@@ -23,6 +23,7 @@ class Evaluator:
 
         self.recipe, self.tokenizer, self.sink, self.progress = recipe, tokenizer, sink, progress
         self.kl_monitor = None
+        self._vllm = None  # (model, VLLMEngine): one vLLM engine per model object, built on first use
         base = Path(recipe.source).parent if recipe.source else None
         self.suites = {ref: load_suite(ref, base)
                        for stage in recipe.stages for ref in (stage.suites or recipe.evals.suites)}
@@ -34,6 +35,20 @@ class Evaluator:
     def end_training_stage(self) -> None:
         self.kl_monitor = None
 
+    def engine(self, model):
+        """The recipe's `evals.engine` by name, or (vllm) an engine that holds the model's weights across eval
+        points and is told they changed before each one."""
+        name = self.recipe.evals.engine
+        if name != "vllm":
+            return name
+        from continual_opd.engines import make_engine
+
+        if self._vllm is None or self._vllm[0] is not model:
+            self._vllm = (model, make_engine("vllm", model, self.tokenizer))
+        else:
+            self._vllm[1].weights_changed()
+        return self._vllm[1]
+
     def __call__(self, model, stage, stage_dir: Path, step: int) -> dict[str, float]:
         from continual_opd.evals import run_suite
 
@@ -41,10 +56,12 @@ class Evaluator:
         t0 = time.time()
         # every rank generates its share of the answers (generation.generate gathers them); rank 0 writes them
         out_dir = stage_dir / "evals" / f"step-{step:06d}" if distributed.is_main() else None
+        engine = self.engine(model)
         for ref in stage.suites or self.recipe.evals.suites:
             suite = self.suites[ref]
             values = run_suite(suite, model, self.tokenizer, out_dir, seed=self.recipe.seed,
-                               chat_template_kwargs=self.recipe.model.chat_template_kwargs, progress=self.progress)
+                               chat_template_kwargs=self.recipe.model.chat_template_kwargs, progress=self.progress,
+                               engine=engine)
             self.sink.log(step, suite.name, values)
             results.update({f"{suite.name}/{k}": v for k, v in values.items()})
         if self.kl_monitor is not None:
