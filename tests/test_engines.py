@@ -199,3 +199,39 @@ def test_rollouts_are_masked_the_same_way_on_each_engine(lm, name):
         kept = [t for t, m in zip(tokens, mask) if m]
         assert cut == (not any(t in stop for t in kept))
         assert all(t not in stop for t in kept[:-1])  # nothing after the first stop token is in the response
+
+
+def test_eval_command_gives_the_same_answers_with_each_engine(tmp_path, lm, capsys):
+    import importlib
+
+    import yaml
+
+    from continual_opd.cli import main
+
+    model, tok = lm
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "if.jsonl"
+    data.write_text("".join(
+        f'{{"key": {k}, "prompt": "{p}", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{{}}]}}\n'
+        for k, p in enumerate(PROMPTS)))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "kind": "ifeval", "data": str(data),
+                                                     "max_new_tokens": 12, "batch_size": 3}))
+    answers = {}
+    for engine in ("hf", "continuous"):
+        out = tmp_path / engine
+        assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(tmp_path / "s.yaml"), "--out", str(out),
+                     "--engine", engine, "--no-progress"]) == 0
+        answers[engine] = (out / "s.jsonl").read_text()
+    assert answers["hf"] == answers["continuous"] and answers["hf"].count("\n") == len(PROMPTS)
+    capsys.readouterr()
+    trl_utils = importlib.import_module("trl.import_utils")
+    saved = trl_utils.is_vllm_available
+    trl_utils.is_vllm_available = lambda: False
+    try:
+        code = main(["eval", "--model", str(tmp_path / "model"), "--suite", str(tmp_path / "s.yaml"),
+                     "--engine", "vllm", "--no-progress"])
+    finally:
+        trl_utils.is_vllm_available = saved
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "engine vllm needs the vllm package" in err

@@ -58,15 +58,15 @@ def world(tmp_path_factory):
     return root
 
 
-def _reference_run(world) -> Path:
-    """The uninterrupted run of the world's recipe (made once per module)."""
-    ref_dir = world / "runs" / "default"
+def _reference_run(world, overrides: tuple[str, ...] = ()) -> Path:
+    """The uninterrupted run of the world's recipe with `overrides` (made once per module)."""
+    ref_dir = world / "runs" / ("default" if not overrides else "-".join(overrides).replace("=", "_"))
     if not (ref_dir / "summary.json").exists():
-        run_recipe(load_recipe(world / "recipe.yaml"), progress=False)
+        run_recipe(load_recipe(world / "recipe.yaml", [*overrides, f"output_dir={ref_dir}"]), progress=False)
     return ref_dir
 
 
-def _run_until_killed(world, out: Path, monkeypatch, when) -> None:
+def _run_until_killed(world, out: Path, monkeypatch, when, overrides: tuple[str, ...] = ()) -> None:
     """Run the recipe into `out` and simulate a kill at the first metrics row where when(sink, step, suite)."""
     from continual_opd import tracking
 
@@ -79,7 +79,7 @@ def _run_until_killed(world, out: Path, monkeypatch, when) -> None:
 
     monkeypatch.setattr(tracking.MetricsSink, "log", crashing_log)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), progress=False)
+        run_recipe(load_recipe(world / "recipe.yaml", [*overrides, f"output_dir={out}"]), progress=False)
     monkeypatch.setattr(tracking.MetricsSink, "log", original)
 
 
@@ -119,14 +119,17 @@ def test_existing_run_dir_is_never_overwritten(world, tmp_path):
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("crash_stage,crash_step", [("sft", 3), ("opd", 2)])
-def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_stage, crash_step):
-    ref_dir = _reference_run(world)
+@pytest.mark.parametrize("crash_stage,crash_step,overrides", [
+    ("sft", 3, ()), ("opd", 2, ()),
+    # rollouts from the continuous-batching engine, evals from hf: both engines resume to the same numbers
+    ("opd", 2, ("stages.3.sampler=continuous", "evals.engine=hf"))])
+def test_resume_matches_uninterrupted_run(world, tmp_path, monkeypatch, crash_stage, crash_step, overrides):
+    ref_dir = _reference_run(world, overrides)
     out = tmp_path / "run"
     _run_until_killed(world, out, monkeypatch,
                       lambda sink, step, suite: (sink.stage == crash_stage and step == crash_step
-                                                 and suite in ("train", "opd")))
-    run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}"]), resume=True, progress=False)
+                                                 and suite in ("train", "opd")), overrides)
+    run_recipe(load_recipe(world / "recipe.yaml", [*overrides, f"output_dir={out}"]), resume=True, progress=False)
     got = json.loads((out / "summary.json").read_text())
     want = json.loads((ref_dir / "summary.json").read_text())
     assert got.keys() == want.keys()
