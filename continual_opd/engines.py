@@ -32,6 +32,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from continual_opd.errors import ConfigError, ModelError
+from continual_opd.generation import _device
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ def _trim(ids: Sequence[int], stop: set[int]) -> tuple[list[int], bool]:
     return out, False
 
 
-def _device(model) -> torch.device:
-    return getattr(model, "device", None) or next(model.parameters()).device
-
-
 class HFEngine:
     """transformers' `generate` on one left-padded batch per call (today's path; sharded models run synced)."""
 
@@ -99,17 +96,16 @@ class HFEngine:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, list(stop_ids)
 
     def generate(self, prompts, params: SamplingParams, progress: Progress | None = None) -> list[Completion]:
-        from transformers import GenerationConfig
-
         from continual_opd import distributed
+        from continual_opd.generation import generation_config
 
         if not prompts:
             return []
         tok = self.tokenizer
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=0) if params.do_sample else {}
-        cfg = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
-                               pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids or None, use_cache=True,
-                               output_scores=params.logprobs, return_dict_in_generate=True, **sampling)
+        cfg = generation_config(self.model, tok, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                                temperature=params.temperature, top_p=params.top_p)
+        cfg.eos_token_id = self.stop_ids or None
+        cfg.output_scores, cfg.return_dict_in_generate = params.logprobs, True
         enc = tok.pad({"input_ids": [list(p) for p in prompts]}, padding=True, padding_side="left",
                       return_tensors="pt")
         enc = {k: v.to(_device(self.model)) for k, v in enc.items()}
@@ -132,10 +128,10 @@ class HFEngine:
 
 
 class _Slots:
-    """Shared state of the slot cache: `rows` live rows in slots [0, rows), columns [0, t) written."""
+    """Shared state of the slot cache: live rows fill slots [0, n) of `max_rows`; columns [0, t) are written."""
 
     def __init__(self, capacity: int, max_rows: int):
-        self.capacity, self.max_rows, self.rows, self.t = capacity, max_rows, 0, 0
+        self.capacity, self.max_rows, self.t = capacity, max_rows, 0
 
 
 def _slot_layer_class():
@@ -280,12 +276,10 @@ class _Run:
                 self._decode(done)
         return [done[i] for i in range(len(prompts))]
 
-    def _choose(self, logits_BV: torch.Tensor, ids_so_far: list[list[int]]) -> tuple[list[int], list[float]]:
+    def _choose(self, logits_BV: torch.Tensor) -> tuple[list[int], list[float]]:
         scores = logits_BV.float()
-        if len(self.warpers):
-            width = max(len(x) for x in ids_so_far) or 1
-            dummy = torch.zeros((scores.shape[0], width), dtype=torch.long, device=scores.device)
-            scores = self.warpers(dummy, scores)
+        if len(self.warpers):  # temperature and top-p read only the scores, not the ids so far
+            scores = self.warpers(scores.new_zeros((scores.shape[0], 1), dtype=torch.long), scores)
         if self.params.do_sample:
             tok = torch.multinomial(scores.softmax(-1), 1, generator=self.gen)[:, 0]
         else:
@@ -343,7 +337,7 @@ class _Run:
             layer.place(rows, cols, k, v)
         self.mask[rows] = 0
         self.mask[rows, cols] = att
-        toks, lps = self._choose(out.logits[:, -1], [[]] * len(group))
+        toks, lps = self._choose(out.logits[:, -1])
         finished = []
         for k, i in enumerate(group):
             row = _Row(i, s.t - len(prompts[i]), len(prompts[i]), toks[k], [], [])
@@ -363,7 +357,7 @@ class _Run:
                            cache=self.cache, use_cache=True)
         self.e.forwards += 1
         s.t += 1
-        toks, lps = self._choose(out.logits[:, -1], [r.ids for r in self.live])
+        toks, lps = self._choose(out.logits[:, -1])
         finished = []
         for r, tok, lp in zip(self.live, toks, lps):
             r.pos += 1
@@ -387,7 +381,6 @@ class _Run:
                 self.mask[k] = self.mask[last]
                 self.live[k] = self.live[last]
             self.live.pop()
-        self.slots.rows = len(self.live)
         if not self.live:
             self.slots.t = 0
 
