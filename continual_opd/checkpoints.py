@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +44,20 @@ def latest(stage_dir: Path) -> Path | None:
     found = [c for c in (Path(stage_dir) / "checkpoints").glob("checkpoint-*")
              if c.name.rsplit("-", 1)[1].isdigit() and (c / COMPLETE).is_file()]
     return max(found, key=step_of) if found else None
+
+
+def prune(stage_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints so at most `keep` remain (`save_total_limit`); returns those deleted.
+    The newest complete checkpoint (what --resume continues from) always stays; a half-written one is left alone."""
+    if not keep:
+        return []
+    found = sorted((c for c in (Path(stage_dir) / "checkpoints").glob("checkpoint-*")
+                    if c.name.rsplit("-", 1)[1].isdigit() and (c / COMPLETE).is_file()), key=step_of)
+    gone = found[:-max(keep, 1)]
+    for ckpt in gone:
+        (ckpt / COMPLETE).unlink()  # first: a checkpoint deleted half-way is never taken for a complete one
+        shutil.rmtree(ckpt)
+    return gone
 
 
 def mark_complete(ckpt: Path, meta: dict) -> None:

@@ -173,6 +173,40 @@ class EvalStage(StageBase):
     kind: Literal["eval"]  # run the suites on the current model, no training
 
 
+# Spellings users bring from HF Trainer / TRL that mean exactly one of our fields: accepted, and written under our
+# name in recipe.resolved.yaml (so `--from-run` and `compare` see one recipe). Per stage kind.
+TRAIN_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "eval_steps": "eval_every", "save_steps": "save_every",
+                 "lr_scheduler_type": "lr_scheduler"}
+SFT_ALIASES = {**TRAIN_ALIASES, "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_seq_len",
+               "max_length": "max_seq_len"}
+# Peer spellings with no field of the same meaning: the error names what to write instead (never a look-alike field).
+PEER_HINTS = {
+    "num_train_epochs": "a stage runs `steps` optimizer updates over a token-ratio mix, so an epoch differs per "
+                        "source; set `steps` (`continual-opd data inspect RECIPE` shows the epochs over each source)",
+    "per_device_train_batch_size": "`batch_size` is the global batch (split over the processes of a launch); set "
+                                   "batch_size = per-device batch x processes",
+    "warmup_ratio": "use `warmup_steps` (updates; e.g. 0.05 x steps)",
+    "logging_steps": "every step is logged to metrics.jsonl; remove it",
+    "save_strategy": "use `save_every` (steps; 0 saves at the stage end only)",
+    "eval_strategy": "use `eval_every` (steps; 0 evaluates at the stage end only)",
+    "evaluation_strategy": "use `eval_every` (steps; 0 evaluates at the stage end only)",
+    "lora_r": "use `lora: {r: ...}`", "lora_alpha": "use `lora: {alpha: ...}`",
+    "lora_dropout": "use `lora: {dropout: ...}`",
+}
+
+
+def _apply_aliases(data, aliases: dict[str, str]):
+    if not isinstance(data, dict) or not any(k in data for k in aliases):
+        return data
+    data = dict(data)
+    for alias, field in aliases.items():
+        if alias in data:
+            if field in data:
+                raise ValueError(f"`{alias}` is another name for `{field}` and both are set; keep only `{field}`")
+            data[field] = data.pop(alias)
+    return data
+
+
 class TrainStageBase(StageBase):
     finetune: Literal["full", "lora"] = "full"  # full: every weight; lora: a PEFT adapter on the frozen base
     lora: LoraConfig = Field(default_factory=LoraConfig)  # adapter settings when finetune: lora
@@ -183,6 +217,14 @@ class TrainStageBase(StageBase):
     max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this global L2 norm
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end of the stage
     save_every: int = Field(0, ge=0)  # checkpoint interval in steps (0: end only)
+    # Keep at most this many of the stage's checkpoints (oldest deleted first; None: all). The newest complete one,
+    # which --resume continues from, is never deleted.
+    save_total_limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data):
+        return _apply_aliases(data, SFT_ALIASES if cls.__name__ == "SFTStage" else TRAIN_ALIASES)
 
     @property
     def learning_rate(self) -> float:
@@ -398,8 +440,10 @@ def format_validation_error(err: ValidationError, data: dict, source: str) -> st
             key = str(loc[-1])
             valid = sorted(parent.model_fields) if parent else []
             valid = [v for v in valid if v != "source"]
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            # a high cutoff: a hint must be a misspelling of the field, never a look-alike with another meaning
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+            hint = (PEER_HINTS[key] if key in PEER_HINTS and "stages" in path else
+                    f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}")
             where = ".".join(path + [key])
             lines.append(f"{source}: {where}: unknown key; {hint}")
             continue

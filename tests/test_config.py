@@ -181,3 +181,50 @@ def test_a_resolved_recipe_validates_again(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
     again = validate_recipe_dict(yaml.safe_load(recipe_to_yaml(recipe)), "resolved")
     assert recipe_to_yaml(again) == recipe_to_yaml(recipe)
+
+
+PEER_ALIASES = {"learning_rate": ("lr", 3e-4), "max_steps": ("steps", 7), "eval_steps": ("eval_every", 5),
+                "save_steps": ("save_every", 5), "gradient_accumulation_steps": ("grad_accum", 4),
+                "max_seq_length": ("max_seq_len", 512), "lr_scheduler_type": ("lr_scheduler", "cosine")}
+
+
+@pytest.mark.parametrize("alias", sorted(PEER_ALIASES))
+def test_peer_spellings_are_accepted_and_resolved_to_our_names(tmp_path, alias):
+    from continual_opd.config import recipe_to_yaml
+
+    field, value = PEER_ALIASES[alias]
+    r = load_recipe(write(tmp_path, patched(**{f"stages__1__{alias}": value})))
+    assert getattr(r.stages[1], field) == value
+    resolved = yaml.safe_load(recipe_to_yaml(r))["stages"][1]
+    assert resolved[field] == value and alias not in resolved  # one recipe for --from-run and compare
+    # from the command line too
+    r = load_recipe(write(tmp_path, BASE), [f"stages.1.{alias}={value}"])
+    assert getattr(r.stages[1], field) == value
+
+
+def test_an_alias_and_its_field_together_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\S+: stages.1: `learning_rate` is another name for `lr` and both are "
+                                          r"set; keep only `lr`"):
+        load_recipe(write(tmp_path, patched(stages__1__learning_rate=1e-4, stages__1__lr=2e-4)))
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("num_train_epochs", "a stage runs `steps` optimizer updates over a token-ratio mix"),
+    ("per_device_train_batch_size", "`batch_size` is the global batch"),
+    ("warmup_ratio", "use `warmup_steps`"),
+    ("logging_steps", "every step is logged"),
+])
+def test_peer_names_without_an_equivalent_name_the_field_to_use(tmp_path, key, expected):
+    p = write(tmp_path, patched(**{f"stages__1__{key}": 1}))
+    with pytest.raises(ConfigError) as ei:
+        load_recipe(p)
+    assert str(ei.value).startswith(f"{p}: stages.1.{key}: unknown key; {expected}")
+    assert "did you mean" not in str(ei.value)
+
+
+def test_no_hint_suggests_a_field_with_another_meaning(tmp_path):
+    # look-alikes that difflib would pair at a low cutoff: gradient_* -> gradient_checkpointing, *_steps -> steps
+    for key in ("gradient_accumulation", "eval_step_count", "warmup_fraction", "checkpoint_steps"):
+        with pytest.raises(ConfigError) as ei:
+            load_recipe(write(tmp_path, patched(**{f"stages__1__{key}": 1})))
+        assert "did you mean" not in str(ei.value), key

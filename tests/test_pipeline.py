@@ -420,3 +420,27 @@ def test_a_model_that_does_not_load_leaves_no_run_dir(world, tmp_path, capsys):
     assert main(["recipe", str(world / "recipe.yaml"), f"output_dir={out}", f"model.name={broken}"]) == 2
     assert "cannot load" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(world, tmp_path):
+    out = tmp_path / "limited"
+    run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.1.save_every=1",
+                                                   "stages.1.save_total_limit=2", "stages.3.save_total_limit=1"]),
+               progress=False)
+    sft = sorted(p.name for p in (out / "stages" / "01-sft" / "checkpoints").glob("checkpoint-*"))
+    opd = sorted(p.name for p in (out / "stages" / "03-opd" / "checkpoints").glob("checkpoint-*"))
+    assert sft == ["checkpoint-3", "checkpoint-4"] and opd == ["checkpoint-3"]
+
+
+def test_prune_never_deletes_the_resume_checkpoint_or_a_half_written_one(tmp_path):
+    from continual_opd import checkpoints
+
+    for step in (1, 2, 3, 5):
+        ckpt = checkpoints.path(tmp_path, step)
+        ckpt.mkdir(parents=True)
+        if step != 5:  # checkpoint-5 is being written: no COMPLETE marker yet
+            checkpoints.mark_complete(ckpt, {"step": step})
+    gone = checkpoints.prune(tmp_path, 1)
+    assert [p.name for p in gone] == ["checkpoint-1", "checkpoint-2"]
+    assert checkpoints.latest(tmp_path).name == "checkpoint-3" and checkpoints.path(tmp_path, 5).exists()
+    assert checkpoints.prune(tmp_path, None) == [] and checkpoints.latest(tmp_path).name == "checkpoint-3"

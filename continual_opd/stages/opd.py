@@ -268,6 +268,8 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
                 # every rank: a sharded model is gathered (a collective) before rank 0 writes
                 checkpoints.save_training_state(last_good, model, optimizer, scheduler, step,
                                                 {**ctx.checkpoint_meta, "step": step}, write=writer)
+                if writer:
+                    checkpoints.prune(ctx.stage_dir, stage.save_total_limit)
                 distributed.barrier()
     bar.close()
     return StageResult(model=model, results=cadence.final(model), steps=stage.steps)

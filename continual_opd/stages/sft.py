@@ -29,7 +29,7 @@ class StageCallback(TrainerCallback):
     """Evals on the stage's cadence, metrics mirroring, and checkpoint completion (meta.json + COMPLETE)."""
 
     def __init__(self, stage: SFTStage, ctx: StageContext, samples_per_step: int):
-        self.ctx, self.samples_per_step = ctx, samples_per_step
+        self.stage, self.ctx, self.samples_per_step = stage, ctx, samples_per_step
         self.cadence = EvalCadence(stage, ctx.evaluate, ctx.sink)
         self._step = self._tokens = 0
 
@@ -54,6 +54,7 @@ class StageCallback(TrainerCallback):
         ckpt = checkpoints.path(self.ctx.stage_dir, state.global_step)
         if state.is_world_process_zero and ckpt.exists():  # the Trainer saves on rank 0 only
             checkpoints.mark_complete(ckpt, {**self.ctx.checkpoint_meta, "step": state.global_step})
+            checkpoints.prune(self.ctx.stage_dir, self.stage.save_total_limit)
 
 
 class QuietProgress(ProgressCallback):
