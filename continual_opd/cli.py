@@ -1,4 +1,4 @@
-"""`continual-opd recipe|validate|eval|report|compare|build-demo` — main(argv) -> exit code."""
+"""`continual-opd recipe|validate|eval|data|init|export|report|compare|build-demo` — main(argv) -> exit code."""
 
 from __future__ import annotations
 
@@ -67,6 +67,50 @@ def _parser() -> argparse.ArgumentParser:
 
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", required=True, help="output directory for the comparison report")
+
+    d = sub.add_parser("data", help="look at a recipe's data, or make domain QA from documents")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="per stage: tokens per source, epochs, realized mix, truncation, the chat "
+                         "template on one example of each source (tokenizer only, no weights)")
+    di.add_argument("path", help="recipe YAML")
+    di.add_argument("overrides", nargs="*")
+    di.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    dq = dsub.add_parser("make-qa", help="question/answer pairs grounded in documents: train QA, dev/test eval "
+                         "suites, unanswerable questions and OPD doc prompts")
+    dq.add_argument("docs", nargs="+", help="documents: folders or files (.md .txt .html .pdf .docx .jsonl)")
+    dq.add_argument("--out", required=True, help="new folder for the QA files and suite YAMLs")
+    dq.add_argument("--generator", choices=["extract", "model", "endpoint"], default="extract",
+                    help="extract: deterministic fact extractor, no model (default); model: a local chat model; "
+                         "endpoint: an OpenAI-compatible server (vLLM, a hosted API)")
+    dq.add_argument("--model", help="--generator model: hub id, local path, package:NAME, .gguf or demo")
+    dq.add_argument("--gguf-file", help="GGUF file inside --model")
+    dq.add_argument("--base-url", help="--generator endpoint: e.g. http://127.0.0.1:8000/v1")
+    dq.add_argument("--endpoint-model", help="--generator endpoint: the served model's name")
+    dq.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    dq.add_argument("--send-documents-to-endpoint", action="store_true",
+                    help="required with --generator endpoint: you agree that document passages are sent to it")
+    dq.add_argument("--wordings", type=int, default=3, help="question wordings per fact (one is held out for eval)")
+    dq.add_argument("--max-facts", type=int, help="keep at most this many facts")
+    dq.add_argument("--seed", type=int, default=0)
+    dq.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("init", help="write a starting recipe for your documents and model")
+    i.add_argument("docs", help="the folder of your documents")
+    i.add_argument("--model", required=True, help="hub id (e.g. Qwen/Qwen3-8B), local path, .gguf, package:NAME, demo")
+    i.add_argument("--gguf-file", help="GGUF file inside --model")
+    i.add_argument("--out", required=True, help="the recipe file to write, e.g. my-recipe.yaml")
+    i.add_argument("--qa", metavar="DIR", help="the --out folder of `continual-opd data make-qa` (domain eval + QA)")
+    i.add_argument("--chat", action="append", metavar="JSONL", help="your chat data ({messages} rows; repeatable); "
+                   "default: the model's own answers to general prompts")
+    i.add_argument("--cache-dir", help="model cache directory (demo model, GGUF conversions)")
+
+    x = sub.add_parser("export", help="a finished run's model as a standalone directory (+ model card)")
+    x.add_argument("run_dir")
+    x.add_argument("--stage", help="a completed stage's name (default: the last)")
+    x.add_argument("--out", required=True, help="new directory to write")
+    x.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base")
+    x.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     b = sub.add_parser("build-demo", help="build (or find in the cache) the offline demo chat model")
     b.add_argument("--cache-dir")
@@ -172,12 +216,69 @@ def _dispatch(args) -> int:
 
             print("across seeds:\n" + pd.read_csv(out / "across_seeds.csv").to_string(index=False, float_format="%.3f"))
         return 0
+    if args.command == "data":
+        return _data(args)
+    if args.command == "init":
+        from continual_opd.init_recipe import init_recipe
+
+        _, line = init_recipe(Path(args.docs), args.model, Path(args.out), qa_dir=Path(args.qa) if args.qa else None,
+                              chat=[Path(c) for c in args.chat or []], gguf_file=args.gguf_file,
+                              cache_dir=args.cache_dir)
+        print(line)
+        return 0
+    if args.command == "export":
+        from continual_opd.export import export_run
+
+        out = export_run(Path(args.run_dir), Path(args.out), stage=args.stage, merge=args.merge,
+                         push_to_hub=args.push_to_hub, progress=not args.no_progress)
+        print(f"exported to {out}")
+        return 0
     if args.command == "build-demo":
         from continual_opd.demo.build import ensure_demo_model
 
         print(ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress))
         return 0
     raise AssertionError(args.command)
+
+
+def _data(args) -> int:
+    if args.data_command == "inspect":
+        from continual_opd import models
+        from continual_opd.config import load_recipe
+        from continual_opd.inspect_data import format_inspection, inspect_recipe, write_inspection
+
+        recipe = load_recipe(args.path, args.overrides)
+        base = models.resolve_base(recipe.model, recipe.cache_dir, progress=False)
+        entries = inspect_recipe(recipe, models.load_tokenizer(base, recipe.model))
+        print(format_inspection(entries))
+        if args.json:
+            write_inspection(entries, Path(args.json))
+        return 0
+    return _make_qa(args)
+
+
+def _make_qa(args) -> int:
+    from continual_opd.errors import ConfigError
+    from continual_opd import make_qa as mq
+
+    out = Path(args.out)
+    _check_out(out)
+    if args.generator == "extract":
+        generator = "extract"
+    elif args.generator == "model":
+        if not args.model:
+            raise ConfigError("make-qa --generator model: name the chat model with --model")
+        generator = mq.local_backend(args.model, gguf_file=args.gguf_file, progress=not args.no_progress)
+    else:
+        if not args.base_url or not args.endpoint_model:
+            raise ConfigError("make-qa --generator endpoint: give --base-url (e.g. http://127.0.0.1:8000/v1) and "
+                              "--endpoint-model")
+        generator = mq.EndpointBackend(args.base_url, args.endpoint_model, api_key_env=args.api_key_env,
+                                       allow_remote=args.send_documents_to_endpoint)
+    manifest = mq.make_qa(args.docs, out, generator=generator, seed=args.seed, wordings=args.wordings,
+                          max_facts=args.max_facts, progress=not args.no_progress)
+    print(mq.summary_line(manifest, out))
+    return 0
 
 
 def _eval(args) -> int:

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from continual_opd.errors import DataError
-from continual_opd.io import read_jsonl_lines, read_text
+from continual_opd.ingest import count_tokens, ingest_documents, write_manifest
+from continual_opd.io import read_jsonl_lines
 
 log = logging.getLogger(__name__)
-
-DOC_SUFFIXES = (".txt", ".md", ".jsonl")
 
 
 def _expand(sources: list[str], suffixes: tuple[str, ...], field: str) -> list[Path | str]:
@@ -58,22 +57,8 @@ def _hf_rows(src: str) -> list[dict]:
 
 
 def load_documents(sources: list[str]) -> list[str]:
-    texts = []
-    for f in _expand(sources, DOC_SUFFIXES, "documents"):
-        if isinstance(f, str):
-            texts.extend(r["text"] for r in _hf_rows(f))
-        elif f.suffix == ".jsonl":
-            for where, r in _rows_with_lines(f, ("text",), "documents"):
-                if not isinstance(r["text"], str) or not r["text"].strip():
-                    raise DataError(f"{where}: `text` must be a non-empty string, got {json.dumps(r['text'])[:40]}; "
-                                    "fix or remove the line")
-                texts.append(r["text"])
-        else:
-            text = read_text(f, "document")
-            if not text.strip():
-                raise DataError(f"{f}: document is empty; remove it or add text")
-            texts.append(text)
-    return texts
+    """The documents' texts (see `continual_opd.ingest` for formats, and what is skipped and why)."""
+    return ingest_documents(sources).texts
 
 
 def check_messages(messages, where: str, final_assistant: bool = True) -> list[dict]:
@@ -253,13 +238,17 @@ def build_mixture(pools: dict[str, list[dict]], weights: dict[str, float], n_exa
     return Mixture(examples, {k: tokens[k] / total for k in keys}, {k: len(pools[k]) for k in keys})
 
 
-def build_pools(data_cfg, tokenizer, max_seq_len: int,
-                chat_template_kwargs: dict | None = None) -> dict[str, list[dict]]:
-    """Load and tokenize every source named in an `SFTDataConfig` that has a positive weight."""
+def build_pools(data_cfg, tokenizer, max_seq_len: int, chat_template_kwargs: dict | None = None,
+                manifest_path: str | Path | None = None) -> dict[str, list[dict]]:
+    """Load and tokenize every source named in an `SFTDataConfig` that has a positive weight. With `manifest_path`
+    (and documents in the mix), what was read and skipped is written there, with token counts (`ingest`)."""
     pools: dict[str, list[dict]] = {}
     w = data_cfg.mix
     if w.get("documents", 0) > 0:
-        pools["documents"] = tokenize_documents(load_documents(data_cfg.documents), tokenizer, max_seq_len)
+        docs = ingest_documents(data_cfg.documents)
+        if manifest_path is not None:
+            write_manifest(count_tokens(docs, tokenizer), manifest_path)
+        pools["documents"] = tokenize_documents(docs.texts, tokenizer, max_seq_len)
     if w.get("chat", 0) > 0:
         pools["chat"] = tokenize_chat(load_chat(data_cfg.chat), tokenizer, max_seq_len, chat_template_kwargs,
                                       source=f"chat {', '.join(data_cfg.chat)}")

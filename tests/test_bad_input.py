@@ -61,8 +61,10 @@ CASES = [
     ("chat in Latin-1",
      lambda r: _set(r, "chat.jsonl", _jsonl([GOOD_CHAT]).encode() + b'{"x": "' + LATIN1[:4] + b'"}\n'),
      "{root}/chat.jsonl:2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
+    # a document that cannot be decoded is skipped with a warning naming it; a folder left with none is the error
     ("document in Latin-1", lambda r: _set(r, "docs/a.md", LATIN1),
-     "{root}/docs/a.md:1: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"),
+     "{root}/docs: no readable document in the folder (1 skipped: 1 not UTF-8 text); add .txt .md .markdown .rst "
+     ".text .html .htm .pdf .docx .jsonl files or fix the skipped ones (each is named in a warning)"),
     ("chat is gzip", lambda r: _set(r, "chat.jsonl", gzip.compress(_jsonl([GOOD_CHAT]).encode())),
      "{root}/chat.jsonl: is a gzip-compressed file, expected UTF-8 text; decompress or convert it first"),
     ("qa answer is an empty list", lambda r: _set(r, "qa.jsonl", _jsonl([{"question": "Q?", "answer": []}])),

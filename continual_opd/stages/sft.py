@@ -92,7 +92,9 @@ def run_sft(stage: SFTStage, ctx: StageContext) -> StageResult:
     if data.self_chat is not None:
         path = _self_chat(data.self_chat, ctx)
         data = data.model_copy(update={"chat": [*data.chat, str(path)]})
-    pools = build_pools(data, tok, stage.max_seq_len, ctx.chat_template_kwargs)
+    # what the stage read (and skipped) goes next to its checkpoints; every rank reads, the main one writes
+    manifest = ctx.stage_dir / "documents.json" if distributed.is_main() else None
+    pools = build_pools(data, tok, stage.max_seq_len, ctx.chat_template_kwargs, manifest_path=manifest)
     mix = build_mixture(pools, stage.data.mix, stage.steps * samples_per_step, seed=ctx.seed)
     log.info("SFT mixture: %s examples available; realized token share %s (target %s)", mix.source_sizes,
              {k: round(v, 3) for k, v in mix.token_share.items()}, stage.data.mix)

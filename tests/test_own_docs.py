@@ -1,0 +1,154 @@
+"""Your own documents: `data inspect`, `init` (the recipe template) and the path from a docs folder to an export."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from continual_opd.cli import main
+from continual_opd.config import load_recipe
+from conftest import build_tiny_lm
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                      {"role": "assistant", "content": f"It is {a + b}."}]} for a in range(3) for b in range(3)]
+QA = [{"question": "Who leads the Oslo office?", "answer": "Ada Berg"},
+      {"question": "What is the code of the Falcon product?", "answer": "FX-42"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model, tok = build_tiny_lm()
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def _world(root: Path) -> Path:
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "handbook.md").write_text("# Handbook\n\nAda Berg leads the Oslo office since 2019. "
+                                               "The Falcon product code is FX-42.\n" * 3)
+    (root / "docs" / "NOTES.MD").write_text("# Notes\n\nThe VPN token rotates every 90 days, owned by Li Wei.\n")
+    (root / "docs" / "empty.md").write_text("\n")
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    long_chat = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]}
+    (root / "long.jsonl").write_text(json.dumps(long_chat) + "\n")
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return root
+
+
+def _recipe(root: Path, model: Path, **sft) -> Path:
+    recipe = {"name": "t", "output_dir": str(root / "runs" / "t"), "model": {"name": str(model)},
+              "stages": [{"name": "sft", "kind": "sft", "steps": 5, "batch_size": 4, "max_seq_len": 48,
+                          "data": {"documents": ["docs"], "chat": ["chat.jsonl", "long.jsonl"], "qa": ["qa.jsonl"],
+                                   "mix": {"documents": 0.5, "qa": 0.2, "chat": 0.3}}, **sft},
+                         {"name": "opd", "kind": "opd", "prompts": ["chat.jsonl"], "steps": 3, "prompts_per_step": 2,
+                          "replay": {"batch_size": 2, "data": {"qa": ["qa.jsonl"], "mix": {"qa": 1.0}}}}]}
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_data_inspect_reports_sources_epochs_mix_truncation_and_the_template(tmp_path, tiny_model, capsys):
+    root = _world(tmp_path)
+    out = tmp_path / "inspect.json"
+    assert main(["data", "inspect", str(_recipe(root, tiny_model)), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    sft, opd = json.loads(out.read_text())
+    assert sft["examples_drawn"] == 5 * 4 and opd["prompts"] == len(CHAT) and opd["prompts_drawn"] == 3 * 2
+    src = sft["sources"]
+    # the long conversation loses its whole answer at max_seq_len, so it is read but not an example
+    assert src["qa"]["examples"] == len(QA) and src["chat"]["examples"] == len(CHAT)
+    assert src["chat"]["read"] == f"{len(CHAT) + 1} rows"
+    assert src["chat"]["cut"] == 1 and src["chat"]["cut_lost_answer"] == 1  # the 60-word prompt fills max_seq_len
+    assert src["documents"]["read"] == "2 files, 1 skipped"  # the empty .md is skipped, the .MD is read
+    assert sum(s["drawn"] for s in src.values()) == 20
+    for s in src.values():
+        assert s["epochs"] == pytest.approx(s["drawn"] / s["examples"])
+    assert sum(s["realized_share"] for s in src.values()) == pytest.approx(1.0)
+    # the chat template on one example, with the trained part marked: the answer is inside the marks, the prompt not
+    qa_example = src["qa"]["example"]
+    assert qa_example.index("\u27e6") > qa_example.index("Who leads the Oslo office?")
+    assert "Ada Berg" in qa_example.split("\u27e6", 1)[1]
+    assert opd["replay"]["sources"]["qa"]["examples"] == len(QA)
+    assert "empty.md" in printed and "near-empty" in printed and "NOTES.MD" in printed
+    assert "lose their whole answer" in printed
+
+
+def test_init_writes_a_recipe_that_validates_and_names_your_data(tmp_path, tiny_model, capsys):
+    root = _world(tmp_path)
+    qa = root / "qa"
+    qa.mkdir()
+    (qa / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    for split in ("dev", "test"):
+        (qa / f"{split}.jsonl").write_text(json.dumps(QA[0]) + "\n")
+        (qa / f"domain_qa_{split}.yaml").write_text(f"name: domain_qa_{split}\nkind: domain_qa\ndata: {split}.jsonl\n")
+    out = root / "recipes" / "mine.yaml"
+    assert main(["init", str(root / "docs"), "--model", str(tiny_model), "--out", str(out), "--qa", str(qa),
+                 "--chat", str(root / "chat.jsonl")]) == 0
+    assert "CPU form" in capsys.readouterr().out
+    text = out.read_text()
+    assert "continual-opd data inspect mine.yaml" in text  # comments on what to do first
+    recipe = load_recipe(out)
+    sft = recipe.stages[1]
+    assert sft.data.documents == [str((root / "docs").resolve())] and sft.data.qa == [str(qa / "train.jsonl")]
+    assert sft.data.chat == [str(root / "chat.jsonl")] and sft.finetune == "lora" and sft.lora.r == 16
+    assert recipe.headline.domain_qa == "domain_qa_test/contains"
+    assert recipe.evals.suites[0] == "ifeval_official_120_256"
+    assert "../docs" in text  # written relative to the recipe, so the folder can move as a whole
+    assert main(["validate", str(out)]) == 0
+    # without generated QA: the model's own chat, and a placeholder for the QA
+    out2 = root / "plain.yaml"
+    assert main(["init", str(root / "docs"), "--model", str(tiny_model), "--out", str(out2)]) == 0
+    plain = load_recipe(out2)
+    assert plain.stages[1].data.self_chat is not None and not plain.stages[1].data.qa
+    assert "# qa: [qa/train.jsonl]" in out2.read_text()
+
+
+def test_init_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model, capsys):
+    root = _world(tmp_path)
+    (root / "blank").mkdir()
+    (root / "blank" / "a.md").write_text(" ")
+    taken = root / "taken.yaml"
+    taken.write_text("keep: me\n")
+    cases = [
+        (["init", str(root / "blank"), "--model", str(tiny_model), "--out", str(root / "x.yaml")],
+         "no readable document"),
+        (["init", str(root / "docs"), "--model", str(tiny_model), "--out", str(taken)], "exists; choose another"),
+        (["init", str(root / "docs"), "--model", str(tiny_model), "--out", str(root / "y.yaml"), "--qa",
+          str(root / "docs")], "no train.jsonl"),
+        (["init", str(root / "docs"), "--model", str(root / "nope"), "--out", str(root / "z.yaml")], "nope"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and expected in err, err
+    assert taken.read_text() == "keep: me\n"
+    assert not any((root / f).exists() for f in ("x.yaml", "y.yaml", "z.yaml"))
+
+
+def test_the_gpu_form_fits_the_memory_plan():
+    from continual_opd.init_recipe import ModelFacts, render_recipe
+
+    text = render_recipe(REPO / "data_samples" / "docs", "Qwen/Qwen3-8B", REPO / "recipes" / "x.yaml",
+                         ModelFacts(params=8.19e9, context=40960, thinking=True, where="Qwen/Qwen3-8B"))
+    data = yaml.safe_load(text)
+    sft, opd = data["stages"][1], data["stages"][3]
+    assert data["model"]["dtype"] == "bfloat16" and data["model"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sft["lora"]["r"] == 128 and sft["gradient_checkpointing"] is True and sft["max_seq_len"] == 2048
+    # docs/multi-gpu.md: one 80 GB GPU with HF generate holds the KV cache of 16 prompts x 4 samples, not 64 x 4
+    assert opd["prompts_per_step"] * opd["samples_per_prompt"] <= 64 and opd.get("sampler", "hf") == "hf"
+    assert data["evals"]["suites"] == ["ifeval_official_120"]
+
+
+def test_init_refuses_a_model_without_a_chat_template(tmp_path, capsys):
+    model, tok = build_tiny_lm()
+    tok.chat_template = None
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    root = _world(tmp_path / "w")
+    assert main(["init", str(root / "docs"), "--model", str(tmp_path / "base"), "--out", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizer has no chat template" in err and not (tmp_path / "r.yaml").exists()
