@@ -258,26 +258,39 @@ def _data(args) -> int:
 
 
 def _make_qa(args) -> int:
-    from continual_opd.errors import ConfigError
     from continual_opd import make_qa as mq
+    from continual_opd.errors import ConfigError
 
     out = Path(args.out)
     _check_out(out)
+    if args.wordings < 2:
+        raise ConfigError(f"--wordings {args.wordings}: must be >= 2 (one to train on, one held out for the eval)")
     if args.generator == "extract":
         generator = "extract"
     elif args.generator == "model":
         if not args.model:
             raise ConfigError("make-qa --generator model: name the chat model with --model")
-        generator = mq.local_backend(args.model, gguf_file=args.gguf_file, progress=not args.no_progress)
+        from continual_opd import models
+        from continual_opd.config import ModelConfig
+
+        cfg = ModelConfig(name=args.model, gguf_file=args.gguf_file)
+        base = models.resolve_base(cfg, None, progress=not args.no_progress)
+        generator = mq.LocalBackend(models.load_model(models.ModelRef(base), cfg), models.load_tokenizer(base, cfg),
+                                    name=f"model:{args.model}")
     else:
         if not args.base_url or not args.endpoint_model:
             raise ConfigError("make-qa --generator endpoint: give --base-url (e.g. http://127.0.0.1:8000/v1) and "
-                              "--endpoint-model")
+                              "--endpoint-model (the served model's name)")
         generator = mq.EndpointBackend(args.base_url, args.endpoint_model, api_key_env=args.api_key_env,
                                        allow_remote=args.send_documents_to_endpoint)
     manifest = mq.make_qa(args.docs, out, generator=generator, seed=args.seed, wordings=args.wordings,
                           max_facts=args.max_facts, progress=not args.no_progress)
-    print(mq.summary_line(manifest, out))
+    c = manifest["counts"]
+    print(f"wrote {out}: {c['facts']} facts from {c['documents']} documents; {c['train']} train questions, "
+          f"{c['dev']}+{c['dev_unanswerable']} dev and {c['test']}+{c['test_unanswerable']} test (answerable + "
+          f"unanswerable), {c['doc_prompts']} OPD doc prompts; rejected: {manifest['rejected'] or 'none'}")
+    print(f"next: read a sample of {out / 'test.jsonl'}, then `continual-opd init DOCS --model NAME --qa {out} "
+          "--out my-recipe.yaml`")
     return 0
 
 

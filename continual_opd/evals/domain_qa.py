@@ -5,6 +5,11 @@ of acceptable answers. Each question is asked as one user turn (optionally after
 `instruction`), answered greedily, and scored with SQuAD normalization (`contains`: the answer is stated
 somewhere in the response, for chat models that answer in full sentences) by the local `evaluate`
 module in `metrics/squad_em_f1/` (loaded by path: works offline, no hub lookup).
+
+Abstention: a row with `"answerable": false` (a question the documents cannot answer, written by make-qa) is
+correct when the response abstains, i.e. contains one of `ABSTAIN_PHRASES` (SQuAD-normalized, whole words). Such
+rows are scored only by `abstain_acc`; exact_match / f1 / contains are computed on the answerable rows alone, so a
+suite without unanswerable rows scores exactly as before (and has no `abstain_acc`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from continual_opd.errors import DataError
 from continual_opd.io import read_jsonl, write_jsonl
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad_em_f1"
+# Responses that decline to answer. Matched after SQuAD normalization ("I don't know." -> "i dont know").
+ABSTAIN_PHRASES = ("i don't know", "i do not know", "i dont know", "not in the documents", "not in the document",
+                   "documents do not say", "documents don't say", "no information", "cannot find", "can't find",
+                   "could not find", "couldn't find", "not mentioned", "not sure", "not specified", "not stated",
+                   "no mention", "cannot answer", "can't answer", "unable to answer", "unknown", "no idea")
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +53,17 @@ def load_qa_rows(path: str | Path, limit: int | None = None) -> list[dict]:
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise DataError(f"{where}: 'question' must be a non-empty string")
         _answers(row, where)
+        if not isinstance(row.get("answerable", True), bool):
+            raise DataError(f"{where}: 'answerable' must be true or false, got {row['answerable']!r}")
     return rows[:limit] if limit else rows
+
+
+def abstains(response: str) -> bool:
+    """The response declines to answer: it states one of `ABSTAIN_PHRASES` (normalized, whole words)."""
+    from continual_opd.evals.metrics.squad_em_f1.squad_em_f1 import normalize_answer
+
+    text = f" {normalize_answer(response)} "
+    return any(f" {normalize_answer(p)} " in text for p in ABSTAIN_PHRASES)
 
 
 def build_prompt(question: str, instruction: str | None = None) -> list[dict[str, str]]:
@@ -53,23 +73,35 @@ def build_prompt(question: str, instruction: str | None = None) -> list[dict[str
 
 
 def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, float], list[dict]]:
-    """EM/F1 of each response against its row's acceptable answers → (metrics, one record per row)."""
+    """EM/F1/contains of each answerable row's response against its acceptable answers, and `abstain_acc` on the
+    rows marked `"answerable": false` (present only when there are some) → (metrics, one record per row)."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
     references = [_answers(r, f"row {i}") for i, r in enumerate(rows, start=1)]
+    answerable = [i for i, r in enumerate(rows) if r.get("answerable", True) is not False]
+    unanswerable = [i for i, r in enumerate(rows) if r.get("answerable", True) is False]
     # Models often end with a newline or restate with trailing spaces; normalization handles the
     # rest (case, punctuation, articles). We do not cut at the first line: a multi-line answer that
     # buries the fact is not an exact match, but token F1 still gives it partial credit.
     preds = [r.strip() for r in responses]
-    scores = load_metric().compute(predictions=preds, references=references, per_example=True)
+    scores = load_metric().compute(predictions=[preds[i] for i in answerable],
+                                   references=[references[i] for i in answerable], per_example=True)
+    per_row = {i: (em, f1, inc) for i, em, f1, inc in zip(answerable, scores["exact_match_per_example"],
+                                                           scores["f1_per_example"], scores["contains_per_example"])}
     records = []
-    for row, response, em, f1, inc in zip(rows, responses, scores["exact_match_per_example"], scores["f1_per_example"],
-                                          scores["contains_per_example"]):
+    for i, (row, response) in enumerate(zip(rows, responses)):
         rec = {k: row[k] for k in ("id", "fact_id") if k in row}
-        rec.update(question=row["question"], answer=row["answer"], response=response, exact_match=em, f1=f1,
-                   contains=inc)
+        rec.update(question=row["question"], answer=row["answer"], response=response)
+        if i in per_row:
+            em, f1, inc = per_row[i]
+            rec.update(exact_match=em, f1=f1, contains=inc)
+        else:
+            rec.update(answerable=False, abstained=float(abstains(response)))
         records.append(rec)
-    return {"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}, records
+    metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}
+    if unanswerable:
+        metrics["abstain_acc"] = sum(records[i]["abstained"] for i in unanswerable) / len(unanswerable)
+    return metrics, records
 
 
 def run_domain_qa(suite, model, tokenizer, *, out_dir: Path | None, seed: int, chat_template_kwargs,
