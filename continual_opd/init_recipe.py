@@ -101,8 +101,8 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
     if qa:
         suites += [_rel(qa_dir / "domain_qa_dev.yaml", here), _rel(qa_dir / "domain_qa_test.yaml", here)]
     lines = [
-        f"# {name}: fine-tune {model} on the documents in {docs}, then recover instruction following with",
-        "# on-policy distillation from the pre-SFT model. Written by `continual-opd init`; edit freely.",
+        f"# {name}: fine-tune {model} on the documents in {_rel(docs, here)}, then recover instruction following",
+        "# with on-policy distillation from the pre-SFT model. Written by `continual-opd init`; edit freely.",
         f"# Model: {size}; the {'GPU' if gpu else 'CPU'} form of the template"
         + (" (settings of the reference Qwen3-8B experiment; memory plan in docs/multi-gpu.md)." if gpu else
            " (settings measured on SmolLM2-135M on 2 CPU cores)."),
@@ -118,6 +118,13 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
         f"#   continual-opd data inspect {out.name}",
         f"#   continual-opd recipe {out.name}",
         f"#   continual-opd export runs/{name} --out exported/{name} --merge",
+    ]
+    if gpu:
+        lines += [
+            "# On 8 GPUs (LoRA: data parallel), with the launch configs of the continual-opd repository:",
+            f"#   accelerate launch --config_file recipes/accelerate/ddp.yaml -m continual_opd recipe {out.name}",
+        ]
+    lines += [
         f"name: {name}",
         "seed: 0",
         f"output_dir: runs/{name}",
@@ -164,7 +171,8 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
                   "needed)", f"        prompts: [{chat_prompts}]", "        model: snapshot:base",
                   f"        num_prompts: {512 if gpu else 256}", f"        max_new_tokens: {512 if gpu else 96}"]
     mix = "{documents: 0.35, qa: 0.35, chat: 0.3}" if qa else "{documents: 0.7, chat: 0.3}"
-    lines += [f"      mix: {mix}      # shares of training tokens", "  - name: after-sft", "    kind: eval",
+    # no eval stages after sft and opd: a training stage evaluates its model at its end (and every eval_every)
+    lines += [f"      mix: {mix}      # shares of training tokens",
               "  - name: opd", "    kind: opd",
               "    teacher: snapshot:before-sft   # the LoRA student with its adapter off", "    finetune: lora"]
     lines.append("    lora: {r: 128, alpha: 128, target_modules: all-linear}" if gpu else
@@ -183,7 +191,7 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
     replay_mix = "{documents: 0.5, qa: 0.5}" if qa else "{documents: 1.0}"
     lines += ["    replay:                        # SFT examples during OPD: keeps the new facts (BENCHMARKS.md)",
               f"      batch_size: {8 if gpu else 16}", f"      max_seq_len: {seq}",
-              f"      data: {{{replay_src}, mix: {replay_mix}}}", "  - name: final", "    kind: eval", ""]
+              f"      data: {{{replay_src}, mix: {replay_mix}}}", ""]
     return "\n".join(lines)
 
 

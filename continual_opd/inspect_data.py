@@ -55,8 +55,11 @@ def inspect_data(data_cfg: SFTDataConfig, tokenizer, max_seq_len: int, n_example
             continue
         info: dict = {"weight": weight}
         if not getattr(data_cfg, kind):  # only self-chat: its answers are written when the stage starts
-            info["note"] = (f"self-chat: {_n_prompts(data_cfg.self_chat.prompts)} prompts "
-                            "answered by the model when the stage starts; not counted here")
+            sc = data_cfg.self_chat
+            n = min(_n_prompts(sc.prompts), sc.num_prompts or 10**9)
+            info["note"] = (f"self-chat: {n} prompts answered by the model when the stage starts (up to "
+                            f"{sc.max_new_tokens} tokens each); not counted here, so the shares below are among "
+                            "the other sources")
             sources[kind] = info
             continue
         if kind == "documents":

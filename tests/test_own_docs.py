@@ -135,7 +135,7 @@ def test_the_gpu_form_fits_the_memory_plan():
     text = render_recipe(REPO / "data_samples" / "docs", "Qwen/Qwen3-8B", REPO / "recipes" / "x.yaml",
                          ModelFacts(params=8.19e9, context=40960, thinking=True, where="Qwen/Qwen3-8B"))
     data = yaml.safe_load(text)
-    sft, opd = data["stages"][1], data["stages"][3]
+    sft, opd = data["stages"][1], data["stages"][2]
     assert data["model"]["dtype"] == "bfloat16" and data["model"]["chat_template_kwargs"] == {"enable_thinking": False}
     assert sft["lora"]["r"] == 128 and sft["gradient_checkpointing"] is True and sft["max_seq_len"] == 2048
     # docs/multi-gpu.md: one 80 GB GPU with HF generate holds the KV cache of 16 prompts x 4 samples, not 64 x 4
@@ -152,3 +152,93 @@ def test_init_refuses_a_model_without_a_chat_template(tmp_path, capsys):
     assert main(["init", str(root / "docs"), "--model", str(tmp_path / "base"), "--out", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "tokenizer has no chat template" in err and not (tmp_path / "r.yaml").exists()
+
+
+def _mixed_folder(docs: Path) -> None:
+    """Markdown, HTML, PDF and DOCX about one small company, as a team's folder would hold them."""
+    from docx import Document
+    from fpdf import FPDF
+
+    docs.mkdir(parents=True)
+    (docs / "handbook.md").write_text("# Handbook\n\nAda Berg leads the Oslo office since 2019.\n\n"
+                                      "- The Falcon product code is FX-42.\n- Badges are renewed every 90 days.\n")
+    (docs / "security.html").write_text(
+        "<html><head><script>var x = 1;</script></head><body><h1>Security</h1><p>The VPN gateway is VPN-220, "
+        "owned by Li Wei.</p><ul><li>Passwords rotate every 60 days.</li></ul></body></html>")
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=12)
+    pdf.multi_cell(0, 8, "Travel policy\n\nHotel nights cost at most 140 euros. Trips over 5 days need approval "
+                         "from Maria Lopez.")
+    pdf.output(str(docs / "travel.pdf"))
+    doc = Document()
+    doc.add_heading("Onboarding", level=1)
+    doc.add_paragraph("New hires meet the Falcon team on their first Monday in Room B12.")
+    doc.add_paragraph("The laptop budget is 1800 euros.", style="List Bullet")
+    doc.save(str(docs / "onboarding.docx"))
+
+
+def test_from_a_docs_folder_to_an_exported_model(tmp_path, tiny_model, capsys):
+    """data inspect, make-qa (offline extractor), init, validate, a tiny run, export, reload in a fresh process."""
+    from test_export import assert_same_answers, greedy, reload_in_fresh_process
+
+    from continual_opd import models
+    from continual_opd.config import ModelConfig
+    from continual_opd.rundir import RunState
+
+    docs = tmp_path / "docs"
+    _mixed_folder(docs)
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    assert main(["data", "make-qa", str(docs), "--out", str(tmp_path / "qa")]) == 0
+    made = capsys.readouterr().out
+    assert "from 4 documents" in made
+    facts = [json.loads(line) for line in (tmp_path / "qa" / "facts.jsonl").read_text().splitlines()]
+    assert {Path(f["source"]).suffix for f in facts} == {".md", ".html", ".pdf", ".docx"}  # every format gave facts
+    assert any(f["answer"] == "VPN-220" for f in facts) and any(f["answer"] == "Maria Lopez" for f in facts)
+
+    recipe = tmp_path / "recipe.yaml"
+    assert main(["init", str(docs), "--model", str(tiny_model), "--qa", str(tmp_path / "qa"), "--chat",
+                 str(tmp_path / "chat.jsonl"), "--out", str(recipe)]) == 0
+    assert main(["validate", str(recipe)]) == 0
+    assert main(["data", "inspect", str(recipe)]) == 0
+    inspected = capsys.readouterr().out
+    for name in ("handbook.md", "security.html", "travel.pdf", "onboarding.docx"):
+        assert name in inspected
+    assert "var x" not in inspected  # the HTML's script is not a document
+
+    run_dir = tmp_path / "run"
+    # the recipe's IF suite on 8 prompts (120 x 256 tokens at three eval points is most of this test's time)
+    official = REPO / "data_samples" / "ifeval_official" / "input_data.jsonl"
+    (tmp_path / "if8.yaml").write_text(f"name: if8\nkind: ifeval\ndata: {official}\nlimit: 8\nmax_new_tokens: 32\n")
+    qa_suites = [str(tmp_path / "qa" / f"domain_qa_{s}.yaml") for s in ("dev", "test")]
+    tiny = [f"output_dir={run_dir}", f"evals.suites=[{tmp_path / 'if8.yaml'}, {', '.join(qa_suites)}]",
+            "headline.if_eval=if8/prompt_level_strict_acc", "stages.1.steps=2", "stages.1.batch_size=4",
+            "stages.2.steps=2", "stages.2.prompts_per_step=2", "stages.2.max_new_tokens=8", "stages.2.eval_every=0",
+            "stages.2.replay.batch_size=2"]
+    assert main(["recipe", str(recipe), *tiny, "--no-progress"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary) == ["baseline", "sft", "opd"]
+    assert "domain_qa_test/contains" in summary["opd"] and "domain_qa_test/abstain_acc" in summary["opd"]
+    documents = json.loads((run_dir / "stages" / "01-sft" / "documents.json").read_text())
+    assert documents["totals"]["read"] == 4 and all(f["tokens"] for f in documents["files"])
+
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--out", str(out), "--merge"]) == 0
+    ref = RunState.load(run_dir / "run_state.json").completed[-1].ref
+    assert ref.adapter  # the template trains LoRA: the export merged it
+    cfg = ModelConfig(name=ref.base)
+    want = greedy(models.load_model(ref, cfg, trainable_adapter=False), models.load_tokenizer(ref.base, cfg), {})
+    assert_same_answers(reload_in_fresh_process(out, "plain", tmp_path), want)
+    card = (out / "README.md").read_text()
+    assert "domain_qa_test/contains" in card and "travel.pdf" in card
+
+
+def test_the_shipped_qwen3_recipe_is_the_templates_gpu_form():
+    """recipes/qwen3-8b-personalize.yaml is `init`'s output for Qwen3-8B (8.19 B parameters, a thinking template) on
+    the demo documents and their generated QA: the template and the shipped recipe cannot drift apart."""
+    from continual_opd.init_recipe import ModelFacts, render_recipe
+
+    shipped = REPO / "recipes" / "qwen3-8b-personalize.yaml"
+    facts = ModelFacts(params=8.19e9, context=40960, thinking=True, where="Qwen/Qwen3-8B")
+    assert render_recipe(REPO / "data_samples" / "docs", "Qwen/Qwen3-8B", shipped, facts,
+                         qa_dir=REPO / "data_samples" / "generated_qa") == shipped.read_text()
