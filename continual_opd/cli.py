@@ -244,15 +244,19 @@ def _dispatch(args) -> int:
 def _data(args) -> int:
     if args.data_command == "inspect":
         from continual_opd import models
+        from continual_opd.errors import ConfigError
         from continual_opd.config import load_recipe
         from continual_opd.inspect_data import format_inspection, inspect_recipe, write_inspection
 
+        if args.json and Path(args.json).exists():
+            raise ConfigError(f"--json {args.json}: exists; choose a new file (nothing was written)")
         recipe = load_recipe(args.path, args.overrides)
         base = models.resolve_base(recipe.model, recipe.cache_dir, progress=False)
         entries = inspect_recipe(recipe, models.load_tokenizer(base, recipe.model))
         print(format_inspection(entries))
         if args.json:
             write_inspection(entries, Path(args.json))
+            print(f"numbers written to {args.json}")
         return 0
     return _make_qa(args)
 
@@ -265,6 +269,15 @@ def _make_qa(args) -> int:
     _check_out(out)
     if args.wordings < 2:
         raise ConfigError(f"--wordings {args.wordings}: must be >= 2 (one to train on, one held out for the eval)")
+    if args.max_facts is not None and args.max_facts < 1:
+        raise ConfigError(f"--max-facts {args.max_facts}: must be >= 1 (leave it out to keep every fact)")
+    needs = {"--model": ("model", args.model), "--gguf-file": ("model", args.gguf_file),
+             "--base-url": ("endpoint", args.base_url), "--endpoint-model": ("endpoint", args.endpoint_model),
+             "--send-documents-to-endpoint": ("endpoint", args.send_documents_to_endpoint)}
+    for flag, (generator, value) in needs.items():
+        if value and args.generator != generator:
+            raise ConfigError(f"make-qa {flag} only applies to --generator {generator} (this is --generator "
+                              f"{args.generator}); remove it or add --generator {generator}")
     if args.generator == "extract":
         generator = "extract"
     elif args.generator == "model":

@@ -495,12 +495,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for keys, value in parse_overrides(overrides or []):
         if not isinstance(data, dict):
             break
-        apply_override(data, keys, value, source=str(path))
+        apply_override(data, _our_name(data, keys), value, source=str(path))
     try:
         recipe = validate_recipe_dict(data, str(path))
     except ConfigError as e:
         raise ConfigError(_blame_overrides(str(e), str(path), overrides or [])) from None
     return resolve_paths(recipe, path.parent)
+
+
+def _our_name(data: dict, keys: list[str]) -> list[str]:
+    """`stages.1.learning_rate=...` (or `stages.1.lr=...`) overrides the stage's `lr` written under either name in the
+    file, rather than colliding with it: an override wins, whichever spelling either side uses."""
+    stages = data.get("stages")
+    if len(keys) == 3 and keys[0] == "stages" and isinstance(stages, list) and keys[1].lstrip("-").isdigit() \
+            and -len(stages) <= int(keys[1]) < len(stages) and isinstance(stages[int(keys[1])], dict):
+        stage = stages[int(keys[1])]
+        aliases = SFT_ALIASES if stage.get("kind") == "sft" else TRAIN_ALIASES if stage.get("kind") == "opd" else {}
+        field = aliases.get(keys[2], keys[2])
+        if field in aliases.values():
+            for alias, target in aliases.items():  # the file's other spelling of the same field gives way
+                if target == field:
+                    stage.pop(alias, None)
+            return [keys[0], keys[1], field]
+    return keys
 
 
 def _blame_overrides(message: str, source: str, overrides: list[str]) -> str:

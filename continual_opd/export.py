@@ -83,7 +83,8 @@ def export_run(run_dir: Path, out: Path, *, stage: str | None = None, merge: boo
         sources = data_sources(recipe, upto=done.index)
         info = {"run_dir": str(run_dir), "run_name": recipe.get("name", run_dir.name), "stage": done.name,
                 "stage_index": done.index, "global_step": done.global_step, "ref": done.ref.to_dict(),
-                "merge": merge, "format": fmt, "base_model_name_or_path": base_in_card if fmt == "adapter" else None,
+                "merge": fmt == "merged", "format": fmt,
+                "base_model_name_or_path": base_in_card if fmt == "adapter" else None,
                 "chat_template_kwargs": kwargs, "sources": sources, "versions": _versions(),
                 "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         gguf_source = Path(ref.base) / "source.json"

@@ -80,6 +80,8 @@ def _tidy(text: str) -> str:
 def _read_text(path: Path) -> str:
     # io.read_text's checks, as skips: one bad file in a folder of hundreds should not stop the run
     data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows "Unicode" (UTF-16) text
+        raise _Skip("not UTF-8 text (UTF-16)")
     if data[:2] == b"\x1f\x8b" or b"\x00" in data[:8192]:
         raise _Skip("binary file, not text")
     try:
@@ -143,6 +145,23 @@ def _read_docx(path: Path) -> str:
     return _tidy("\n".join(lines))
 
 
+def _has_text_rows(path: Path) -> bool:
+    """Whether a .jsonl met in a folder holds documents: its first row has `text` (chat or QA rows do not)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        row = json.loads(first) if first else {}
+    except (OSError, ValueError):
+        return True  # let the row-by-row reader name the bad line
+    return not isinstance(row, dict) or "text" in row
+
+
+def _shown(path: Path) -> str:
+    """The path as text that JSON and the terminal can carry: a name that is not valid UTF-8 (bytes from another
+    system's encoding) keeps its readable part and shows the odd bytes as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _ignored(name: str) -> str | None:
     if name.startswith("~$"):
         return "Office lock file"
@@ -153,12 +172,35 @@ def _ignored(name: str) -> str | None:
     return None
 
 
+def is_qa_folder(folder: Path) -> bool:
+    """A folder written by `continual-opd data make-qa`: questions about the documents, not documents."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "generator" in m and "domain_qa_test.yaml" in m.get("files", [])
+
+
 def _walk(folder: Path):
-    """The folder's files in a stable order, and its hidden folders (recorded once, not entered: .git is big)."""
-    for root, dirs, names in os.walk(folder):
+    """The folder's files in a stable order, and the folders it does not enter (recorded once): hidden ones (.git
+    is big), `data make-qa` output (eval questions must never become training text) and a symlink to a folder
+    already walked (a loop). Symlinked folders are followed."""
+    seen = {os.path.realpath(folder)}
+    for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
-        yield from (Path(root, d) for d in dirs if d.startswith("."))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        keep = []
+        for d in dirs:
+            path = Path(root, d)
+            real = os.path.realpath(path)
+            if d.startswith(".") or is_qa_folder(path) or real in seen:
+                yield path
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         yield from (Path(root, n) for n in sorted(names))
 
 
@@ -199,18 +241,23 @@ def ingest_documents(sources: list[str]) -> Ingested:
     def read_file(f: Path, in_folder: bool) -> None:
         kind = FORMATS.get(f.suffix.lower())
         if in_folder and (why := _ignored(f.name)):
-            return skip(DocRecord(str(f), kind or "unknown", "read"), why + " folder" * f.is_dir())
+            return skip(DocRecord(_shown(f), kind or "unknown", "read"), why + " folder" * f.is_dir())
+        if in_folder and f.is_dir():
+            why = "make-qa output (questions, not documents)" if is_qa_folder(f) else "symlink loop"
+            return skip(DocRecord(_shown(f), "folder", "read"), why)
         if kind is None:
             if not in_folder:  # named on purpose: a wrong file, not clutter in a folder
                 raise DataError(f"{f}: unsupported document suffix {f.suffix or '(none)'}; supported: {SUPPORTED} "
                                 "(convert the file, or name a folder)")
-            return skip(DocRecord(str(f), "unknown", "read"), f"unsupported suffix {f.suffix.lower() or '(none)'}")
+            return skip(DocRecord(_shown(f), "unknown", "read"), f"unsupported suffix {f.suffix.lower() or '(none)'}")
+        if kind == "jsonl" and in_folder and not _has_text_rows(f):
+            return skip(DocRecord(_shown(f), kind, "read"), "JSONL rows without `text` (chat or QA data?)")
         if kind == "jsonl":  # structured rows the user prepared: their errors stay fatal, naming file:line
             texts = [_jsonl_text(f"{f}:{ln}", r["text"])
                      for ln, r in read_jsonl_lines(f, required=("text",), what="documents")]
-            return keep(DocRecord(str(f), kind, "read", chars=sum(map(len, texts)), sha256=_sha("\n".join(texts))),
-                        texts)
-        rec = DocRecord(str(f), kind, "read")
+            return keep(DocRecord(_shown(f), kind, "read", chars=sum(map(len, texts)),
+                                  sha256=_sha("\n".join(texts))), texts)
+        rec = DocRecord(_shown(f), kind, "read")
         try:
             if kind == "pdf":
                 text, rec.pages = _read_pdf(f)
@@ -224,7 +271,9 @@ def ingest_documents(sources: list[str]) -> Ingested:
         # one file = one document, so a blank page or a copy is worth skipping (jsonl and hf rows are kept as is)
         words, norm = text.split(), _sha(" ".join(text.split()))
         if len("".join(words)) < MIN_CHARS:
-            return skip(rec, f"near-empty ({len(''.join(words))} chars)")
+            scanned = kind == "pdf" and rec.pages
+            return skip(rec, f"near-empty ({len(''.join(words))} chars" +
+                        (f" from {rec.pages} pages: a scan without a text layer? run OCR on it)" if scanned else ")"))
         if norm in seen:
             return skip(rec, f"duplicate of {seen[norm]}")
         seen[norm] = rec.path
@@ -272,8 +321,10 @@ def _sha(text: str) -> str:
 
 
 def _fix(reason: str) -> str:
-    if reason.startswith(("near-empty", "duplicate")):
+    if reason.startswith(("near-empty", "duplicate", "make-qa output", "symlink loop")):
         return ""
+    if reason.startswith("JSONL rows without"):
+        return "; list chat files under `chat`, QA under `qa`, or give documents rows a `text` field"
     return "; " + ("re-save it as UTF-8" if reason.startswith("not UTF-8") else
                    f"convert it to one of {SUPPORTED}" if reason.startswith(("unsupported", "binary")) else
                    "fix or re-export the file") + " to include it"

@@ -16,6 +16,7 @@ Only the model's config and tokenizer are read (local, cached or the hub): no we
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,10 @@ class ModelFacts:
 
 
 def estimate_params(cfg) -> float | None:
-    """Parameters of a decoder-only transformer from its config (embeddings + attention + MLP per layer)."""
+    """Parameters of a decoder-only transformer from its config (embeddings + attention + MLP per layer). A
+    multimodal config (Gemma 3, Mistral 3) is sized by its language model (`get_text_config`)."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
     h = getattr(cfg, "hidden_size", None)
     n = getattr(cfg, "num_hidden_layers", None)
     v = getattr(cfg, "vocab_size", None)
@@ -73,6 +77,17 @@ def model_facts(name: str, gguf_file: str | None = None, cache_dir: str | None =
                       thinking="enable_thinking" in template, where=base)
 
 
+def _q(text: str) -> str:
+    """A YAML scalar that reads back as this string: plain when safe, else JSON-quoted (a folder named `Q1, Q2`,
+    `#notes` or `2024`)."""
+    import json
+
+    import yaml
+
+    plain = bool(re.fullmatch(r"[A-Za-z0-9_./~@+-][A-Za-z0-9_./~@+: -]*", text)) and not text.endswith(" ")
+    return text if plain and yaml.safe_load(text) == text else json.dumps(text, ensure_ascii=False)
+
+
 def _rel(path: Path, start: Path) -> str:
     """`path` relative to the recipe's folder when that is short and portable, else absolute."""
     try:
@@ -91,15 +106,16 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
     size = f"{facts.params / 1e9:.2f} B parameters" if facts.params else "size unknown (config not readable)"
     ctx_len = facts.context or 2048
     seq = min(2048 if gpu else 256, ctx_len)
-    general_prompts = _rel(DATA_DIR / "chat" / "opd_prompts.jsonl", here)
-    chat_prompts = _rel(DATA_DIR / "chat" / "sft_chat.jsonl", here)
+    general_prompts = _q(_rel(DATA_DIR / "chat" / "opd_prompts.jsonl", here))
+    chat_prompts = _q(_rel(DATA_DIR / "chat" / "sft_chat.jsonl", here))
     qa = qa_dir is not None
-    qa_train = _rel(qa_dir / "train.jsonl", here) if qa else None
+    qa_train = _q(_rel(qa_dir / "train.jsonl", here)) if qa else None
+    docs_at = _q(_rel(docs, here))
     # the official IFEval subset; on CPU its answers are capped at 256 tokens (each eval point: minutes, not hours)
     if_suite = "ifeval_official_120" if gpu else "ifeval_official_120_256"
     suites = [if_suite]
     if qa:
-        suites += [_rel(qa_dir / "domain_qa_dev.yaml", here), _rel(qa_dir / "domain_qa_test.yaml", here)]
+        suites += [_q(_rel(qa_dir / "domain_qa_dev.yaml", here)), _q(_rel(qa_dir / "domain_qa_test.yaml", here))]
     lines = [
         f"# {name}: fine-tune {model} on the documents in {_rel(docs, here)}, then recover instruction following",
         "# with on-policy distillation from the pre-SFT model. Written by `continual-opd init`; edit freely.",
@@ -125,14 +141,14 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
             f"#   accelerate launch --config_file recipes/accelerate/ddp.yaml -m continual_opd recipe {out.name}",
         ]
     lines += [
-        f"name: {name}",
+        f"name: {_q(name)}",
         "seed: 0",
-        f"output_dir: runs/{name}",
+        f"output_dir: {_q('runs/' + name)}",
         "model:",
-        f"  name: {model}",
+        f"  name: {_q(model)}",
     ]
     if gguf_file:
-        lines.append(f"  gguf_file: {gguf_file}")
+        lines.append(f"  gguf_file: {_q(gguf_file)}")
     if gpu:
         lines.append("  dtype: bfloat16")
     if facts.thinking:
@@ -142,8 +158,9 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
         lines.append("  # engine: vllm                # with `pip install vllm`: much faster eval answers on a GPU")
     lines += ["headline:"]
     if qa:
-        lines.append(f"  domain_qa: {Path(suites[2]).stem}/contains   # the test split; tune settings on the dev "
-                     "split, report test")
+        # make-qa names its suites domain_qa_dev and domain_qa_test (the name inside the YAML, whatever the path)
+        lines.append("  domain_qa: domain_qa_test/contains   # the test split; tune settings on the dev split, report "
+                     "test")
     else:
         lines.append("  domain_qa: domain_qa_test/contains   # placeholder until `data make-qa` writes the suites")
     lines += [f"  if_eval: {if_suite}/prompt_level_strict_acc", "stages:", "  - name: baseline",
@@ -159,13 +176,13 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
         lines += ["    lora: {r: 16, alpha: 32}", "    lr: 1.0e-3", "    steps: 100", "    batch_size: 16",
                   f"    max_seq_len: {seq}", "    warmup_steps: 5", "    lr_scheduler: cosine",
                   "    eval_every: 0                # evaluate at the stage end only", "    save_every: 50"]
-    lines += ["    data:", f"      documents: [{_rel(docs, here)}]"]
+    lines += ["    data:", f"      documents: [{docs_at}]"]
     if qa:
         lines.append(f"      qa: [{qa_train}]")
     else:
         lines.append("      # qa: [qa/train.jsonl]     # after `continual-opd data make-qa DOCS --out qa`")
     if chat:
-        lines.append(f"      chat: [{', '.join(_rel(c, here) for c in chat)}]")
+        lines.append(f"      chat: [{', '.join(_q(_rel(c, here)) for c in chat)}]")
     else:
         lines += ["      self_chat:                 # the base model's own answers to general prompts (no chat data "
                   "needed)", f"        prompts: [{chat_prompts}]", "        model: snapshot:base",
@@ -180,6 +197,10 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
     lines += ["    loss: sampled                  # per-token reverse KL of the sampled tokens (the reference method)",
               f"    lr: {'1.0e-4' if gpu else '5.0e-4'}", f"    steps: {150 if gpu else 24}",
               f"    prompts: [{general_prompts}]   # general instructions; add your own chat prompts"]
+    if qa:
+        doc_prompts = _q(_rel(qa_dir / "doc_prompts.jsonl", here))
+        lines += [f"    # doc_prompts: [{doc_prompts}]   # questions about your documents;",
+                  "    # doc_prompt_fraction: 0.25    # the pre-SFT teacher does not know the answers: use with replay"]
     if gpu:
         lines += ["    prompts_per_step: 16           # fits one 80 GB GPU with HF generate; 64 with sampler: vllm",
                   "    samples_per_prompt: 4", "    max_new_tokens: 1024", "    # sampler: vllm",
@@ -187,7 +208,7 @@ def render_recipe(docs: Path, model: str, out: Path, facts: ModelFacts, *, qa_di
     else:
         lines += ["    prompts_per_step: 16", "    samples_per_prompt: 1", "    max_new_tokens: 128",
                   "    eval_every: 12", "    save_every: 8"]
-    replay_src = f"documents: [{_rel(docs, here)}]" + (f", qa: [{qa_train}]" if qa else "")
+    replay_src = f"documents: [{docs_at}]" + (f", qa: [{qa_train}]" if qa else "")
     replay_mix = "{documents: 0.5, qa: 0.5}" if qa else "{documents: 1.0}"
     lines += ["    replay:                        # SFT examples during OPD: keeps the new facts (BENCHMARKS.md)",
               f"      batch_size: {8 if gpu else 16}", f"      max_seq_len: {seq}",

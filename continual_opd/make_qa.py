@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import random
 import re
@@ -46,6 +47,8 @@ INSTRUCTION = ("Answer the question about the company in a few words. If the com
                "the answer, say \"I don't know\".")
 DOC_SUFFIXES = (".md", ".txt")
 
+
+log = logging.getLogger(__name__)
 
 class EndpointError(ContinualOPDError):
     """A chat endpoint cannot be used (refused connection, HTTP error, a reply that is not a chat completion)."""
@@ -493,7 +496,10 @@ def split_facts(facts: list[dict], *, seed: int, wordings: int, dev_fraction: fl
     doc_prompts = []
     for fact in facts:
         ws = sorted(fact["wordings"], key=lambda w: order.index(w["wording"]))[:wordings]  # stable for chat
-        fact["split"] = "dev" if _unit(seed, fact["fact_id"]) < dev_fraction else "test"
+        # by the fact's content, not its id (which names the file relative to the others): adding a document leaves
+        # every other fact in its split, so dev and test never trade facts between runs
+        key = f"{normalize(fact['sentence'])}|{normalize(fact['answer'])}"
+        fact["split"] = "dev" if _unit(seed, key) < dev_fraction else "test"
         held = None
         if len(ws) < 2:
             fact["split"] = "train_only"
@@ -540,6 +546,10 @@ def make_qa(docs: Sequence[tuple[str, str]] | Sequence[str], out_dir: Path, *, g
     if not evals["dev"] and not evals["test"]:
         raise DataError(f"no question could be held out from {len(docs)} document(s) ({len(facts)} facts; rejected: "
                         f"{dict(rejected) or 'none'}); add documents with concrete facts, or use another generator")
+    for split, rows in evals.items():
+        if not rows:
+            log.warning("make-qa: the %s split has no answerable question (%d facts in all): its suite scores "
+                        "abstention only; add documents for a %s score", split, len(facts), split)
     seen = {normalize(w["question"]) for f in facts for w in f["wordings"]}
     corpus = "\n".join(text for _, text in docs)
     n_eval = len(evals["dev"]) + len(evals["test"])

@@ -228,3 +228,9 @@ def test_no_hint_suggests_a_field_with_another_meaning(tmp_path):
         with pytest.raises(ConfigError) as ei:
             load_recipe(write(tmp_path, patched(**{f"stages__1__{key}": 1})))
         assert "did you mean" not in str(ei.value), key
+
+
+def test_a_peer_spelling_on_the_command_line_overrides_the_files_field(tmp_path):
+    p = write(tmp_path, patched(stages__1__lr=1e-4, stages__1__max_steps=9))
+    r = load_recipe(p, ["stages.1.learning_rate=3e-4", "stages.1.steps=4"])
+    assert r.stages[1].lr == 3e-4 and r.stages[1].steps == 4

@@ -221,3 +221,35 @@ def test_build_pools_writes_the_manifest(docs, tmp_path, tiny_lm):
         f["tokens"] for f in files if f["status"] == "read")
     build_pools(cfg, tok, 64)  # no path: nothing written (the other ranks)
     assert [p.name for p in (tmp_path / "stage").iterdir()] == ["documents.json"]
+
+
+def test_a_real_folders_odd_corners(tmp_path, caplog):
+    """Symlinked folders are read (a loop once), make-qa output and chat JSONL in the folder are skipped with a reason,
+    a UTF-16 file says to re-save it, a name that is not UTF-8 is recorded and its manifest is written."""
+    import os
+
+    from continual_opd.make_qa import make_qa
+
+    docs, elsewhere = tmp_path / "docs", tmp_path / "elsewhere"
+    docs.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "linked.md").write_text("# Linked\n\nThe linked handbook page is here.\n")
+    os.symlink(elsewhere, docs / "shared")
+    os.symlink(docs, docs / "loop")
+    (docs / "main.md").write_text(HANDBOOK)
+    (docs / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (docs / "notes.txt").write_bytes("Windows notes about the Aurora team.".encode("utf-16"))
+    (docs / os.fsdecode(b"caf\xe9.md")).write_text("# Cafe\n\nThe cafe opens at eight every weekday.\n")
+    make_qa([("x/a.md", "# A\n\nThe Heron desk is run by Ada Berg.\n\nThe badge code is BX-7.\n")], docs / "qa")
+    with caplog.at_level(logging.WARNING, logger="continual_opd.ingest"):
+        ing = ingest_documents([str(docs)])
+    recs = {Path(r.path).name: r for r in ing.records}
+    assert recs["linked.md"].status == "read" and "The linked handbook page" in "".join(ing.texts)
+    assert recs["loop"].reason == "symlink loop"
+    assert recs["qa"].reason.startswith("make-qa output") and not any("Heron" in t for t in ing.texts)
+    assert recs["chat.jsonl"].reason.startswith("JSONL rows without `text`")
+    assert recs["notes.txt"].reason == "not UTF-8 text (UTF-16)"
+    assert any("notes.txt" in m and "re-save it as UTF-8" in m for m in caplog.messages)
+    assert recs["caf\\xe9.md"].status == "read"
+    write_manifest(ing, tmp_path / "documents.json")
+    assert "caf\\\\xe9.md" in (tmp_path / "documents.json").read_text()

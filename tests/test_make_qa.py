@@ -285,3 +285,26 @@ def test_abstention_scoring_is_separate_from_answerable_rows():
     assert "exact_match" not in records[2] and records[1]["exact_match"] == 0.0
     plain, _ = score_domain_qa(rows[:2], responses[:2])
     assert "abstain_acc" not in plain and plain["exact_match"] == 0.5
+
+
+def test_adding_a_document_leaves_every_other_fact_in_its_split(tmp_path):
+    # fact ids name files relative to the folder they share; the split must follow the facts, not those names
+    before = make_qa([("company/handbook/" + p, t) for p, t in DOCS], tmp_path / "a", seed=0)
+    after = make_qa([("company/handbook/" + p, t) for p, t in DOCS]
+                    + [("company/README.md", "# Readme\n\nThe wiki moved to Confluence in 2022.\n")],
+                    tmp_path / "b", seed=0)
+    assert after["counts"]["facts"] > before["counts"]["facts"]
+    split = {}
+    for out in ("a", "b"):
+        split[out] = {(f["sentence"], f["answer"]): f["split"] for f in read_jsonl(tmp_path / out / "facts.jsonl")}
+    assert all(split["b"][k] == v for k, v in split["a"].items())
+
+
+def test_a_guess_after_a_refusal_is_not_an_abstention_and_a_split_without_answers_has_no_answer_score():
+    from continual_opd.evals.domain_qa import abstains
+
+    assert abstains("I don't know.") and abstains("The documents do not say; ask HR.")
+    assert not abstains("I am not sure, but I think it is Zorvel.") and not abstains("It is probably 42.")
+    rows = [{"question": "Who runs the Quintaro lab?", "answer": ["I don't know"], "answerable": False}]
+    metrics, _ = score_domain_qa(rows, ["I don't know"])
+    assert metrics == {"abstain_acc": 1.0}  # no exact_match of 0 from an empty set of answerable rows

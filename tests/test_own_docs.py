@@ -242,3 +242,31 @@ def test_the_shipped_qwen3_recipe_is_the_templates_gpu_form():
     facts = ModelFacts(params=8.19e9, context=40960, thinking=True, where="Qwen/Qwen3-8B")
     assert render_recipe(REPO / "data_samples" / "docs", "Qwen/Qwen3-8B", shipped, facts,
                          qa_dir=REPO / "data_samples" / "generated_qa") == shipped.read_text()
+
+
+def test_init_quotes_names_yaml_would_misread(tmp_path, tiny_model):
+    root = tmp_path / "w"
+    _world(root)
+    odd = root / "Q1, Q2 #docs"
+    (root / "docs").rename(odd)
+    out = root / "2024.yaml"
+    assert main(["init", str(odd), "--model", str(tiny_model), "--out", str(out)]) == 0
+    recipe = load_recipe(out)
+    assert recipe.name == "2024" and recipe.stages[1].data.documents == [str(odd.resolve())]
+
+
+def test_make_qa_and_inspect_refuse_flags_they_would_ignore(tmp_path, capsys):
+    root = _world(tmp_path)
+    cases = [(["data", "make-qa", str(root / "docs"), "--out", str(root / "qa"), "--model", "demo"],
+              "--model only applies to --generator model"),
+             (["data", "make-qa", str(root / "docs"), "--out", str(root / "qa"), "--max-facts", "0"],
+              "--max-facts 0: must be >= 1"),
+             (["data", "make-qa", str(root / "docs"), "--out", str(root / "qa"), "--generator", "endpoint",
+               "--base-url", "http://127.0.0.1:9/v1", "--endpoint-model", "m"], "--send-documents-to-endpoint"),
+             (["data", "inspect", str(root / "chat.jsonl"), "--json", str(root / "qa.jsonl")],
+              "exists; choose a new file")]
+    for argv, expected in cases:
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and expected in err, err
+    assert not (root / "qa").exists() and json.loads((root / "qa.jsonl").read_text().splitlines()[0]) == QA[0]

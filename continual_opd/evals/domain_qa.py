@@ -45,6 +45,11 @@ def _answers(row: dict, where: str) -> list[str]:
     raise DataError(f"{where}: 'answer' must be a string or a non-empty list of strings, got {ans!r}")
 
 
+# words that turn a refusal into a guess; normalized form (lowercase, no punctuation or articles)
+GUESS_MARKERS = ("i think", "i believe", "i guess", "my guess", "probably", "maybe", "perhaps", "might be",
+                 "could be", "likely")
+
+
 def load_qa_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """Read QA JSONL; check each row's question and answer types (errors name the row)."""
     rows = read_jsonl(path, required=("question", "answer"), what="QA rows")
@@ -59,11 +64,13 @@ def load_qa_rows(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def abstains(response: str) -> bool:
-    """The response declines to answer: it states one of `ABSTAIN_PHRASES` (normalized, whole words)."""
+    """The response declines to answer: it states one of `ABSTAIN_PHRASES` (normalized, whole words) and does not
+    go on to guess ("I am not sure, but I think it is X" is an invented answer, not an abstention)."""
     from continual_opd.evals.metrics.squad_em_f1.squad_em_f1 import normalize_answer
 
     text = f" {normalize_answer(response)} "
-    return any(f" {normalize_answer(p)} " in text for p in ABSTAIN_PHRASES)
+    return (any(f" {normalize_answer(p)} " in text for p in ABSTAIN_PHRASES)
+            and not any(f" {g} " in text for g in GUESS_MARKERS))
 
 
 def build_prompt(question: str, instruction: str | None = None) -> list[dict[str, str]]:
@@ -98,7 +105,9 @@ def score_domain_qa(rows: list[dict], responses: list[str]) -> tuple[dict[str, f
         else:
             rec.update(answerable=False, abstained=float(abstains(response)))
         records.append(rec)
-    metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}
+    # a split with no answerable row has no answer score (not a score of 0)
+    metrics = ({"exact_match": scores["exact_match"], "f1": scores["f1"], "contains": scores["contains"]}
+               if answerable else {})
     if unanswerable:
         metrics["abstain_acc"] = sum(records[i]["abstained"] for i in unanswerable) / len(unanswerable)
     return metrics, records
