@@ -91,6 +91,33 @@ def build_tiny_lm(seed: int = 0):
     return model, tokenizer
 
 
+def write_pdf(path: Path, pages: list[list[str]]) -> Path:
+    """A minimal PDF with one text line per item, one list per page (Helvetica; no PDF library needed)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b""]  # the page tree is filled in once the pages are known
+    font = 3 + 2 * len(pages)
+    kids = []
+    for lines in pages:
+        text = " 0 -16 Td ".join("(" + line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ") Tj"
+                                  for line in lines)
+        stream = f"BT /F1 12 Tf 72 720 Td {text} ET".encode("latin-1")
+        kids.append(f"{len(objects) + 1} 0 R")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects) + 2} 0 R "
+                       f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode())
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """Session-scoped (model, tokenizer). Tests must not train it in place; copy.deepcopy(model) to mutate."""

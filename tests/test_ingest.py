@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import write_pdf
 from continual_opd.errors import DataError
 from continual_opd.ingest import count_tokens, ingest_documents, summary_lines, write_manifest
 
@@ -25,18 +26,8 @@ HTML = """<html><head><style>.x {color: red}</style></head><body>
 
 
 def _pdf(path: Path) -> Path:
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=12)
-    pdf.add_page()
-    pdf.cell(text="Travel Policy")
-    pdf.ln()
-    pdf.multi_cell(0, 8, text="- Book flights through Zephyr Travel.")
-    pdf.add_page()
-    pdf.multi_cell(0, 8, text="Page two names the Quokka expense form.")
-    pdf.output(str(path))
-    return path
+    return write_pdf(path, [["Travel Policy", "- Book flights through Zephyr Travel."],
+                            ["Page two names the Quokka expense form."]])
 
 
 def _docx(path: Path) -> Path:

@@ -8,7 +8,7 @@ import yaml
 
 from continual_opd.cli import main
 from continual_opd.config import load_recipe
-from conftest import build_tiny_lm
+from conftest import build_tiny_lm, write_pdf
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -157,7 +157,6 @@ def test_init_refuses_a_model_without_a_chat_template(tmp_path, capsys):
 def _mixed_folder(docs: Path) -> None:
     """Markdown, HTML, PDF and DOCX about one small company, as a team's folder would hold them."""
     from docx import Document
-    from fpdf import FPDF
 
     docs.mkdir(parents=True)
     (docs / "handbook.md").write_text("# Handbook\n\nAda Berg leads the Oslo office since 2019.\n\n"
@@ -165,12 +164,8 @@ def _mixed_folder(docs: Path) -> None:
     (docs / "security.html").write_text(
         "<html><head><script>var x = 1;</script></head><body><h1>Security</h1><p>The VPN gateway is VPN-220, "
         "owned by Li Wei.</p><ul><li>Passwords rotate every 60 days.</li></ul></body></html>")
-    pdf = FPDF()
-    pdf.add_page()
-    pdf.set_font("Helvetica", size=12)
-    pdf.multi_cell(0, 8, "Travel policy\n\nHotel nights cost at most 140 euros. Trips over 5 days need approval "
-                         "from Maria Lopez.")
-    pdf.output(str(docs / "travel.pdf"))
+    write_pdf(docs / "travel.pdf", [["Travel policy", "Hotel nights cost at most 140 euros. Trips over 5 days need "
+                                                  "approval from Maria Lopez."]])
     doc = Document()
     doc.add_heading("Onboarding", level=1)
     doc.add_paragraph("New hires meet the Falcon team on their first Monday in Room B12.")
