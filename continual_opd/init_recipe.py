@@ -66,9 +66,7 @@ def model_facts(name: str, gguf_file: str | None = None, cache_dir: str | None =
         base = models.resolve_base(cfg, cache_dir, progress=False)
         config = AutoConfig.from_pretrained(base, trust_remote_code=False)
         tok = models.load_tokenizer(base, cfg)
-    except ModelError:
-        raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # (a ModelError from resolve_base or load_tokenizer passes through)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ModelError(f"--model {name!r}: cannot read its config ({first}); use a local directory, a hub id "
                          "that is cached (offline) or reachable, a .gguf file, package:NAME or demo") from None
