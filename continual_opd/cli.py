@@ -1,4 +1,7 @@
-"""`continual-opd recipe|validate|eval|data|init|export|report|compare|build-demo` — main(argv) -> exit code."""
+"""`continual-opd recipe|validate|eval|data|init|export|report|compare|build-demo|serve-teacher`.
+
+main(argv) -> exit code.
+"""
 
 from __future__ import annotations
 
@@ -115,6 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-demo", help="build (or find in the cache) the offline demo chat model")
     b.add_argument("--cache-dir")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("serve-teacher", help="serve a teacher's per-token log-probs over HTTP (a vLLM-compatible "
+                       "subset: /v1/models, /tokenize, /v1/completions with prompt_logprobs)")
+    t.add_argument("model", help="hub id, local path, package:NAME or demo")
+    t.add_argument("--port", type=int, default=8000)
+    t.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
+    t.add_argument("--served-model-name", help="the name clients give as `model` (default: MODEL as written)")
     return p
 
 
@@ -237,6 +249,11 @@ def _dispatch(args) -> int:
         from continual_opd.demo.build import ensure_demo_model
 
         print(ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress))
+        return 0
+    if args.command == "serve-teacher":
+        from continual_opd.teacher_server import serve
+
+        serve(args.model, host=args.host, port=args.port, dtype=args.dtype, served_name=args.served_model_name)
         return 0
     raise AssertionError(args.command)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, TypeVar, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_serializer, model_validator)
 
 from continual_opd.errors import ConfigError
 
@@ -46,7 +46,8 @@ class ModelSource(BaseModel):
             return cls.parse_fields(value)
         if isinstance(value, dict) and set(value) == {"kind", "name"}:
             return value
-        raise ValueError("expected one string: snapshot:<name>, a local path or a hub id")
+        raise ValueError("expected one string (snapshot:<name>, a local path or a hub id), or a served teacher as a "
+                         "mapping with url and model (e.g. {url: http://HOST:8000/v1, model: Qwen/Qwen3-32B})")
 
     @staticmethod
     def parse_fields(text: str) -> dict:
@@ -72,6 +73,37 @@ class ModelSource(BaseModel):
             raise ConfigError(f"{where}: no snapshot named {self.name!r}; available here: "
                               f"{', '.join('snapshot:' + k for k in snapshots)}")
         return snapshots[self.name]
+
+
+class ServedTeacherConfig(Strict):
+    """A teacher behind an OpenAI-compatible completions server that returns prompt log-probs (vLLM's
+    `prompt_logprobs`, or `continual-opd serve-teacher`). It gives the log-prob of each sampled token, so it serves
+    the `sampled` loss only. Before step 1 its tokenizer and chat template are checked against the student's and a
+    self-test scores probe sequences (twice, in different batches; and against `reference` when given)."""
+
+    url: str  # the OpenAI base URL, e.g. http://10.0.0.5:8000/v1
+    model: str  # the served model's name (vllm serve MODEL --served-model-name NAME)
+    tokenizer: str | None = None  # the teacher's tokenizer (path or hub id) when the server has no /tokenize
+    reference: ModelSource | None = None  # a local model the served log-probs must match, e.g. snapshot:base
+    tolerance: float = Field(0.1, gt=0)  # self-test: max |served - reference| log-prob per probe token (nats)
+    timeout_s: float = Field(120, gt=0)  # per request, before a retry
+    max_retries: int = Field(3, ge=0)  # retries of a request that times out, fails to connect or gets a 5xx
+    batch_size: int = Field(8, gt=0)  # sequences per request
+    concurrency: int = Field(4, gt=0)  # requests in flight
+
+    @property
+    def kind(self) -> str:
+        return "served"
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url {url!r}: expected http://HOST:PORT/v1 (an OpenAI-compatible server)")
+        return url.rstrip("/")
+
+    def __str__(self) -> str:
+        return f"{self.model} at {self.url}"
 
 
 class ModelConfig(Strict):
@@ -266,7 +298,8 @@ class VLLMConfig(Strict):
 
 class OPDStage(TrainStageBase):
     kind: Literal["opd"]  # on-policy distillation: the student samples, the teacher scores every token
-    teacher: ModelSource = ModelSource(kind="snapshot", name="base")  # snapshot:<name>, a local path, or a hub id
+    # snapshot:<name>, a local path, a hub id, or a served teacher {url: ..., model: ...} (loss: sampled only)
+    teacher: ModelSource | ServedTeacherConfig = ModelSource(kind="snapshot", name="base")
     prompts: list[str] = Field(default_factory=list)  # .jsonl (IFEval schema, {"prompt"} or {"messages"})
     doc_prompts: list[str] = Field(default_factory=list)  # optional QA .jsonl whose questions become prompts
     doc_prompt_fraction: float = Field(0.0, ge=0, le=1)  # share of each step's prompts drawn from doc_prompts
@@ -295,8 +328,23 @@ class OPDStage(TrainStageBase):
     sampler: Literal["hf", "continuous", "vllm"] = "hf"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_form(cls, value):
+        if isinstance(value, dict) and "url" in value:
+            return ServedTeacherConfig.model_validate(value)
+        return ModelSource.model_validate(value) if not isinstance(value, (ModelSource, ServedTeacherConfig)) \
+            else value
+
+    @field_serializer("teacher")
+    def _teacher_out(self, teacher):  # the served form as its mapping, a model source as its one string
+        return teacher.model_dump(exclude_none=True) if teacher.kind == "served" else str(teacher)
+
     @model_validator(mode="after")
     def _check_prompts(self):
+        if self.teacher.kind == "served" and self.loss != "sampled":
+            raise ValueError(f"loss: {self.loss} needs the teacher's whole distribution at every position, which a "
+                             "served teacher does not send; use loss: sampled with teacher.url, or a local teacher")
         if self.replay.batch_size > 0:
             self.replay.data.check_sources_listed()
         if not self.prompts:
@@ -560,8 +608,11 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             s.prompts = [_resolve(p, base) for p in s.prompts]
             s.doc_prompts = [_resolve(p, base) for p in s.doc_prompts]
             fix_data(s.replay.data)
-            if s.teacher.kind != "snapshot" and (base / s.teacher.name).exists():
+            if s.teacher.kind in ("path", "hub") and (base / s.teacher.name).exists():
                 s.teacher = ModelSource(kind="path", name=str((base / s.teacher.name).resolve()))
+            if s.teacher.kind == "served" and s.teacher.reference and s.teacher.reference.kind != "snapshot" and \
+                    (base / s.teacher.reference.name).exists():
+                s.teacher.reference = ModelSource(kind="path", name=str((base / s.teacher.reference.name).resolve()))
     if recipe.model.name != "demo" and (base / recipe.model.name).exists():
         recipe.model.name = str((base / recipe.model.name).resolve())
     if recipe.cache_dir:

@@ -41,7 +41,14 @@ def check_stage_order(recipe: Recipe) -> None:
         where = f"{recipe.source}: stages.{i}"
         if isinstance(stage, SFTStage) and stage.data.self_chat:  # the answering snapshot must exist here
             stage.data.self_chat.model.snapshot_in(available, f"{where}.data.self_chat.model")
-        if isinstance(stage, OPDStage):
+        if isinstance(stage, OPDStage) and stage.teacher.kind == "served":
+            ref = stage.teacher.reference
+            if ref is not None and ref.kind == "snapshot":
+                ref.snapshot_in(available, f"{where}.teacher.reference")
+            elif ref is not None:
+                models.check_model_ref(ref.name, f"stages.{i}.teacher.reference")
+            _check_served_teacher(recipe, stage.teacher, i)
+        elif isinstance(stage, OPDStage):
             if stage.teacher.kind == "snapshot":
                 stage.teacher.snapshot_in(available, f"{where}.teacher")
             else:
@@ -117,6 +124,25 @@ def _warn_eval_overlap(prompt_files: list[str], eval_prompts: dict[str, str], fi
         check_no_eval_overlap(prompt_files, eval_prompts, field)
     except ContinualOPDError as e:
         log.warning("%s (and possibly more)", e)
+
+
+def _check_served_teacher(recipe: Recipe, teacher, i: int) -> None:
+    """A served teacher must tokenize and template like the student: checked now when the server answers and the
+    student's tokenizer is on disk (no weights), otherwise when the stage starts."""
+    from continual_opd.teacher_client import ServedTeacher, TeacherServerError
+
+    student = recipe.model.name
+    if not Path(student).is_dir() or recipe.model.gguf_file:
+        return
+    client = ServedTeacher(teacher.url, teacher.model, timeout_s=min(teacher.timeout_s, 10.0), max_retries=0,
+                           tokenizer=teacher.tokenizer)
+    try:
+        client.check_tokenizer(models.load_tokenizer(student, recipe.model), recipe.model.chat_template_kwargs,
+                               student=student)
+    except TeacherServerError as e:
+        log.warning("stages.%d.teacher: not checked now (%s); it is checked when the stage starts", i, e)
+    except ModelError as e:
+        raise ConfigError(f"{recipe.source}: stages.{i}.teacher: {e}") from None
 
 
 def _check_teacher_tokenizer(recipe: Recipe, teacher: str, i: int) -> None:

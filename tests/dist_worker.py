@@ -36,7 +36,8 @@ def grad_setup(loss: str):
         teacher.lm_head.weight.mul_(10.0)
     teacher.eval().requires_grad_(False)
     # no clipping (a gradient of the wrong scale would be clipped back to the right norm) and several micro-batches
-    stage = OPDStage(name="opd", kind="opd", prompts=["p.jsonl"], loss=loss, max_grad_norm=1e9, micro_batch_size=2)
+    stage = OPDStage(name="opd", kind="opd", prompts=["p.jsonl"], loss=loss, max_grad_norm=1e9, micro_batch_size=2,
+                     logits_budget_mb=0.12)  # 3 positions a chunk
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1.0)
     return student, teacher, _fixed_rollouts(tok, LENGTHS), stage, optimizer
 
@@ -70,6 +71,7 @@ def main(argv: list[str]) -> int:
     if mode == "grad":
         from accelerate import Accelerator
 
+        from continual_opd.stages import chunked
         from continual_opd.stages.opd import opd_step
 
         loss, out = argv[1], Path(argv[2])
@@ -80,6 +82,7 @@ def main(argv: list[str]) -> int:
         mine = rollouts[acc.process_index * half:(acc.process_index + 1) * half]
         row = opd_step(wrapped, teacher, mine, stage, optimizer, accelerator=acc)
         row["num_processes"] = acc.num_processes
+        row["chunked"] = chunked.can_chunk(wrapped)
         if acc.is_main_process:
             params = {n: p.detach().clone() for n, p in acc.unwrap_model(wrapped).named_parameters()}
             torch.save(params, out / "params.pt")

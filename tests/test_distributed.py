@@ -52,13 +52,15 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.parametrize("loss", ["sampled", "full"])
 def test_ddp_step_on_two_halves_equals_one_step_on_all(tmp_path, loss):
+    """The ranks compute the loss chunk by chunk from hidden states (chunked.py); the reference is one process on
+    full logits, so this also checks chunked against unchunked under DDP."""
     student, teacher, rollouts, stage, optimizer = grad_setup(loss)
-    ref_row = opd_step(student, teacher, rollouts, stage, optimizer)
+    ref_row = opd_step(student, teacher, rollouts, stage, optimizer, chunk=False)
     ref = {n: p.detach() for n, p in student.named_parameters()}
     _ok(launch(str(HERE / "dist_worker.py"), "grad", loss, str(tmp_path)))
     got = torch.load(tmp_path / "params.pt")
     row = json.loads((tmp_path / "row.json").read_text())
-    assert row["num_processes"] == 2
+    assert row["num_processes"] == 2 and row["chunked"]
     moved = max(float((got[n] - p).abs().max()) for n, p in ref.items())
     for n, p in ref.items():
         torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

@@ -1,24 +1,30 @@
 """KL(student || stage-start snapshot) on fixed general chat prompts: a cheap leading indicator of forgetting.
 
-At stage start the snapshot greedily answers N general prompts; its full next-token log-probs on those
-sequences are kept on the CPU (fp16). At each eval point the student is scored on the same sequences and
-the mean per-token KL(p_student || p_snapshot) over the response positions is reported. No second model is
-kept in memory, which is what makes it cheap enough to run at every eval point.
+At stage start the snapshot greedily answers N general prompts; its final hidden states at the response positions
+are kept (N x H), with its output projection (a frozen copy when the stage trains the head; the live module when it
+cannot change, a LoRA stage whose adapters leave `lm_head` alone). At each eval point the student is scored on the
+same sequences and the mean per-token KL(p_student || p_snapshot) over the response positions is computed from both
+hidden states, a chunk of positions at a time (stages/chunked.py), so no (B, T, V) tensor is stored or built. No
+second model is kept in memory, which is what makes it cheap enough to run at every eval point.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 
 from continual_opd.data import read_prompts
 from continual_opd.generation import generate, render_prompts
+from continual_opd.stages import chunked, losses
+
+BUDGET_MB = 256  # the chunk's logits working set (chunked.rows_per_chunk)
 
 
 class KLMonitor:
-    def __init__(self, input_ids_BT, attention_mask_BT, response_mask_BT, ref_logprobs_BTV):
+    def __init__(self, input_ids_BT, attention_mask_BT, response_mask_BT, ref_hidden_NH=None, ref_head=None):
         self.input_ids, self.attention_mask, self.response_mask = input_ids_BT, attention_mask_BT, response_mask_BT
-        self.ref_logprobs = ref_logprobs_BTV  # fp16 on CPU
+        self.ref_hidden, self.ref_head = ref_hidden_NH, ref_head
 
     @classmethod
     def from_file(cls, path, tokenizer, model, *, n: int, max_new_tokens: int, chat_template_kwargs=None):
@@ -36,23 +42,44 @@ class KLMonitor:
             ids[b, : len(p) + len(r)] = torch.tensor(p + r)
             attn[b, : len(p) + len(r)] = 1
             resp[b, len(p): len(p) + len(r)] = True
-        mon = cls(ids, attn, resp, None)
-        mon.ref_logprobs = mon._logprobs(model).half()
+        mon = cls(ids, attn, resp)
+        mon.ref_head = _frozen_head(model)
+        mon.ref_hidden = mon._hidden(model)
         return mon
 
     @torch.no_grad()
-    def _logprobs(self, model) -> torch.Tensor:
+    def _hidden(self, model) -> torch.Tensor:
+        """Final hidden states (N, H) at the positions that predict response tokens (position t predicts t + 1)."""
         was_training = model.training
         model.eval()
         dev = next(model.parameters()).device
-        logits = model(input_ids=self.input_ids.to(dev), attention_mask=self.attention_mask.to(dev)).logits
+        ids, attn = self.input_ids.to(dev), self.attention_mask.to(dev)
+        h_BTH = chunked.response_hidden(model, ids, attn, None, ids.shape[1] - 1)  # positions 0 .. T-2
         model.train(was_training)
-        # position t predicts token t+1: keep the predictions of response tokens
-        return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+        return h_BTH[self.response_mask[:, 1:].to(dev)]
 
+    @torch.no_grad()
     def kl(self, model) -> float:
-        s = self._logprobs(model)  # [B, T-1, V]
-        q = self.ref_logprobs.float()
-        mask = self.response_mask[:, 1:]
-        kl_BT = (s.exp() * (s - q)).sum(-1)  # reverse KL = sum_v p_s (log p_s - log p_q)
-        return float((kl_BT * mask).sum() / mask.sum().clamp(min=1))
+        h_NH = self._hidden(model)
+        if h_NH.shape[0] == 0:
+            return 0.0
+        head = chunked.Head(model, frozen=True)
+        rows = chunked.rows_per_chunk(chunked.unwrap(model).config.vocab_size, BUDGET_MB)
+        total = 0.0
+        for i in range(0, h_NH.shape[0], rows):
+            s = head(h_NH[i:i + rows])[None]
+            q = self.ref_head(self.ref_hidden[i:i + rows].to(h_NH.device))[None]
+            mask = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+            total += losses.full_reverse_kl_loss(s, q, mask)[0].item() * s.shape[1]  # reverse KL = sum p_s log p_s/p_q
+        return total / h_NH.shape[0]
+
+
+def _frozen_head(model) -> chunked.Head:
+    """The stage-start head: the live module when nothing in it can train during the stage (a PEFT student whose
+    head has no trainable parameters), a frozen copy otherwise."""
+    from continual_opd import models
+
+    head = chunked.Head(model, frozen=True)
+    if not (models.is_peft(model) and not any(p.requires_grad for p in head.module.parameters())):
+        head.module = copy.deepcopy(head.module).requires_grad_(False)
+    return head

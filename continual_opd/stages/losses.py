@@ -191,8 +191,14 @@ def _masked_logprobs(
             "differ: full-vocabulary losses need the same (B, L, V); use sampled_reverse_kl_loss otherwise"
         )
     on_BL = mask_BL > 0
-    logp_s_NV = F.log_softmax(_upcast(student_logits_BLV[on_BL]) / temperature, dim=-1)
-    logp_t_NV = F.log_softmax(_upcast(teacher_logits_BLV[on_BL].detach()) / temperature, dim=-1)
+    V = student_logits_BLV.shape[-1]
+    if bool(on_BL.all()):  # every position counts (e.g. a chunk of response positions): a view, not a copy
+        s_NV, t_NV = student_logits_BLV.reshape(-1, V), teacher_logits_BLV.detach().reshape(-1, V)
+    else:
+        s_NV, t_NV = student_logits_BLV[on_BL], teacher_logits_BLV[on_BL].detach()
+    scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)
+    logp_s_NV = F.log_softmax(scale(_upcast(s_NV)), dim=-1)
+    logp_t_NV = F.log_softmax(scale(_upcast(t_NV)), dim=-1)
     # A -inf logit (a banned token) gives log p = -inf, and -inf - (-inf) = nan in the divergences and their
     # gradients. exp(-1e4) is 0 in any float type, so the floor changes no probability and keeps everything finite.
     return logp_s_NV.clamp(min=_LOGP_FLOOR), logp_t_NV.clamp(min=_LOGP_FLOOR)

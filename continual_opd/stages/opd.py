@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from continual_opd import checkpoints, distributed, models
 from continual_opd.config import OPDStage
 from continual_opd.data import build_mixture, build_pools, read_prompts
-from continual_opd.errors import TrainingError
-from continual_opd.generation import Rollouts
+from continual_opd.errors import ModelError, TrainingError
+from continual_opd.generation import Rollouts, render_prompts
 from continual_opd.samplers import HFSampler, make_sampler
 from continual_opd.evals.runner import EvalCadence
-from continual_opd.stages import StageContext, StageResult, losses
+from continual_opd.stages import StageContext, StageResult, chunked, losses
 from continual_opd.tracking import timed
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,56 @@ def response_logits(model, ids_BT, attn_BT, pos_BT, L: int) -> torch.Tensor:
     return logits[:, :-1]
 
 
-def divergence(stage: OPDStage, s_logits_BLV, t_logits_BLV, tokens_BL, mask_BL):
+def divergence(stage: OPDStage, s_logits_BLV, teacher, tokens_BL, mask_BL):
+    """The stage's loss from the student's (B, L, V) logits (the unchunked path). `teacher` is the teacher's (B, L)
+    log-probs of the sampled tokens for `sampled`, its (B, L, V) logits for the full-vocabulary losses."""
     if stage.loss == "sampled":  # the reference method: only the sampled tokens' log-probs are needed
         s_BL = losses.gather_token_logprobs(s_logits_BLV, tokens_BL)
-        q_BL = losses.gather_token_logprobs(t_logits_BLV, tokens_BL)
+        q_BL = teacher if teacher.dim() == 2 else losses.gather_token_logprobs(teacher, tokens_BL)
         return losses.sampled_reverse_kl_loss(s_BL, q_BL, mask_BL, gamma=stage.gamma)
-    if stage.loss == "full":
-        return losses.full_reverse_kl_loss(s_logits_BLV, t_logits_BLV, mask_BL)
-    if stage.loss == "forward":
-        return losses.forward_kl_loss(s_logits_BLV, t_logits_BLV, mask_BL)
-    return losses.generalized_jsd_loss(s_logits_BLV, t_logits_BLV, mask_BL, beta=stage.beta)
+    return FULL_VOCAB_LOSSES[stage.loss](stage)(s_logits_BLV, teacher, mask_BL)
+
+
+FULL_VOCAB_LOSSES = {  # stage -> fn(student logits, teacher logits, mask) -> (loss, stats)
+    "full": lambda stage: losses.full_reverse_kl_loss,
+    "forward": lambda stage: losses.forward_kl_loss,
+    "jsd": lambda stage: (lambda s, t, m: losses.generalized_jsd_loss(s, t, m, beta=stage.beta)),
+}
+
+
+def _teacher_scores(stage: OPDStage, teacher, part: Rollouts, tokens_BL, mask_BL, rows: int, chunk: bool):
+    """What the loss needs from the teacher, without a graph: for `sampled` its (B, L) log-probs of the sampled
+    tokens (from a served teacher, or chunk by chunk), for the full-vocabulary losses its final hidden states at the
+    N response positions (chunked) or its (B, L, V) logits (unchunked)."""
+    if hasattr(teacher, "token_logprobs"):  # a served teacher (teacher_client.py): sampled-token log-probs only
+        return teacher.token_logprobs(part, mask_BL)
+    L = mask_BL.shape[1]
+    with torch.no_grad():
+        if not chunk:
+            t_logits_BLV = response_logits(teacher, part.ids_BT, part.attention_BT, part.positions_BT, L)
+            if stage.loss != "sampled":
+                return t_logits_BLV
+            return losses.gather_token_logprobs(t_logits_BLV, tokens_BL)
+        on_BL = mask_BL > 0
+        h_NH = chunked.response_hidden(teacher, part.ids_BT, part.attention_BT, part.positions_BT, L)[on_BL]
+        if stage.loss != "sampled":
+            return h_NH
+        q_N = chunked.token_logprobs_nograd(chunked.Head(teacher, frozen=True), h_NH, tokens_BL[on_BL], rows)
+        return torch.zeros(mask_BL.shape, dtype=q_N.dtype, device=q_N.device).masked_scatter(on_BL, q_N)
+
+
+def chunked_divergence(stage: OPDStage, student, teacher, part: Rollouts, tokens_BL, mask_BL, scored, rows: int):
+    """The stage's loss with logits made `rows` positions at a time from the student's hidden states (chunked.py);
+    the same value and gradients as `divergence` on full logits."""
+    on_BL = mask_BL > 0
+    h_NH = chunked.response_hidden(student, part.ids_BT, part.attention_BT, part.positions_BT, mask_BL.shape[1])[on_BL]
+    head = chunked.Head(student)
+    if stage.loss == "sampled":
+        s_N = chunked.token_logprobs(head, h_NH, tokens_BL[on_BL], rows)
+        s_BL = torch.zeros(mask_BL.shape, dtype=s_N.dtype, device=s_N.device).masked_scatter(on_BL, s_N)
+        return losses.sampled_reverse_kl_loss(s_BL, scored, mask_BL, gamma=stage.gamma)
+    return chunked.full_vocab_loss(FULL_VOCAB_LOSSES[stage.loss](stage), head, chunked.Head(teacher, frozen=True),
+                                   h_NH, scored, rows)
 
 
 def pad_batch(examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,7 +151,7 @@ class NonFiniteLoss(Exception):
 
 def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *, scheduler=None,
              replay_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-             accelerator=None) -> dict[str, float]:
+             accelerator=None, chunk: bool | None = None) -> dict[str, float]:
     """One OPD update on given rollouts: teacher scores → student scores → divergence (+ replay LM loss) →
     backward → clip → optimizer (and scheduler) step. Returns the step's stats (one number each).
 
@@ -125,6 +165,9 @@ def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *
     rank's share. Token shares are taken over all ranks' tokens and scaled by the world size (DDP averages the
     ranks' gradients), so N ranks × B/N rollouts give the gradient and the stats of one process with all B.
     Gradients are synchronized once, on the step's last backward.
+
+    `chunk` (default: whenever the student's head can be called alone, i.e. not sharded) computes the loss from
+    hidden states `logits_budget_mb` at a time (chunked.py): same loss and gradients, no (B, L, V) tensor.
     """
     t_step = time.perf_counter()
     world = accelerator.num_processes if accelerator is not None else 1
@@ -139,20 +182,27 @@ def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *
     sums = {"distill_loss": 0.0, "rollouts": float(len(rollouts)), "truncated": float(rollouts.truncated_B.sum())}
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
+    chunk = chunked.can_chunk(student) if chunk is None else chunk
+    rows = chunked.rows_per_chunk(config.vocab_size, stage.logits_budget_mb)
     for k, i in enumerate(starts):
-        part = rollouts[i:i + mb]
-        with timed("time_teacher_s", times), torch.no_grad():
-            t_logits_BLV = response_logits(teacher, part.ids_BT, part.attention_BT, part.positions_BT, L)
-        share = float(mask_BL[i:i + mb].sum()) / max(n_tok, 1)  # of all ranks' tokens
+        part, part_tokens_BL, part_mask_BL = rollouts[i:i + mb], tokens_BL[i:i + mb], mask_BL[i:i + mb]
+        share = float(part_mask_BL.sum()) / max(n_tok, 1)  # of all ranks' tokens
+        with timed("time_teacher_s", times):
+            scored = _teacher_scores(stage, teacher, part, part_tokens_BL, part_mask_BL, rows, chunk)
         with _grad_sync(accelerator, student, last=k == n_backward - 1):  # DDP decides this at forward time
-            s_logits_BLV = response_logits(student, part.ids_BT, part.attention_BT, part.positions_BT, L)
-            loss, stats = divergence(stage, s_logits_BLV, t_logits_BLV, tokens_BL[i:i + mb], mask_BL[i:i + mb])
+            if chunk:
+                loss, stats = chunked_divergence(stage, student, teacher, part, part_tokens_BL, part_mask_BL,
+                                                 scored, rows)
+            else:
+                s_logits_BLV = response_logits(student, part.ids_BT, part.attention_BT, part.positions_BT, L)
+                loss, stats = divergence(stage, s_logits_BLV, scored, part_tokens_BL, part_mask_BL)
+                del s_logits_BLV
             _backward(accelerator, loss * share * world)
         sums["distill_loss"] += loss.item() * share
         for key, v in stats.items():
             if key != "num_tokens":
                 sums[key] = sums.get(key, 0.0) + float(v) * share
-        del s_logits_BLV, t_logits_BLV
+        del scored
     if replay_batch is not None:
         r_ids, r_labels, r_attn = replay_batch
         r_loss, _ = losses.lm_loss(student(input_ids=r_ids, attention_mask=r_attn).logits, r_labels)
@@ -206,7 +256,6 @@ def lr_factor(i: int, stage: OPDStage) -> float:
 
 def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
     model, tok, tmpl_kw = ctx.model, ctx.tokenizer, ctx.chat_template_kwargs
-    teacher_ref = _teacher(stage, ctx)
     chat_prompts, doc_prompts = load_prompts(stage)
     replay = _replay_examples(stage, ctx)
     world, rank, writer = distributed.world_size(), distributed.rank(), distributed.is_main()
@@ -226,7 +275,7 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
     last_good = ctx.resume_from
     bar = tqdm(total=stage.steps, initial=start, desc=f"opd {stage.name}", unit="step",
                disable=not ctx.progress or not writer)
-    with models.teacher_view(model, teacher_ref, ctx.start_ref.base, ctx.model_config) as teacher:
+    with _teacher_context(stage, ctx, model) as teacher:
         for step in range(start + 1, stage.steps + 1):
             t0 = time.time()
             rng = random.Random(ctx.seed * 1_000_003 + step)  # prompt choice depends only on (seed, step)
@@ -251,6 +300,10 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
                 raise TrainingError(f"stage {stage.name}: loss is {e.value} at step {step}; last good checkpoint: "
                                     f"{last_good or 'none (stage start)'}; lower {ctx.where}.lr or check the "
                                     "teacher") from None
+            except ModelError as e:  # a served teacher that stopped answering
+                raise TrainingError(f"stage {stage.name}, step {step}: {e}; last good checkpoint: "
+                                    f"{last_good or 'none (stage start)'}; when the teacher answers again, rerun "
+                                    "with --resume") from None
             sampler.weights_changed()
 
             # 6. log
@@ -275,6 +328,16 @@ def run_opd(stage: OPDStage, ctx: StageContext) -> StageResult:
     return StageResult(model=model, results=cadence.final(model), steps=stage.steps)
 
 
+@contextlib.contextmanager
+def _teacher_context(stage: OPDStage, ctx: StageContext, model):
+    """The stage's teacher: the adapter-disabled student, a frozen snapshot, or a served teacher (checked first)."""
+    if stage.teacher.kind == "served":
+        yield _served_teacher(stage, ctx, model)
+        return
+    with models.teacher_view(model, _teacher(stage, ctx), ctx.start_ref.base, ctx.model_config) as teacher:
+        yield teacher
+
+
 def _teacher(stage: OPDStage, ctx: StageContext) -> models.ModelRef:
     """The teacher's weights; one that is not the student's own base must tokenize and template like the student."""
     ref = ctx.resolve(stage.teacher, "teacher")
@@ -283,6 +346,35 @@ def _teacher(stage: OPDStage, ctx: StageContext) -> models.ModelRef:
         models.check_same_tokenization(ctx.tokenizer, teacher_tok, ctx.chat_template_kwargs,
                                        student=ctx.model_config.name, teacher=str(stage.teacher))
     return ref
+
+
+def _served_teacher(stage: OPDStage, ctx: StageContext, model):
+    """A client of the stage's teacher server, after its tokenizer check and self-test (teacher_client.py): probe
+    sequences scored twice in different batches must agree, and agree with `teacher.reference` when one is given."""
+    from continual_opd.teacher_client import ServedTeacher, local_sequence_logprobs
+
+    cfg = stage.teacher
+    client = ServedTeacher(cfg.url, cfg.model, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                           batch_size=cfg.batch_size, concurrency=cfg.concurrency, tokenizer=cfg.tokenizer)
+    client.check_tokenizer(ctx.tokenizer, ctx.chat_template_kwargs, student=ctx.model_config.name)
+    probes = _probe_sequences(ctx.tokenizer, load_prompts(stage)[0][:4], ctx.chat_template_kwargs)
+    if cfg.reference is None:
+        result = client.self_test(None, probes, cfg.tolerance)
+    else:
+        ref = ctx.resolve(cfg.reference, "teacher.reference")
+        with models.teacher_view(model, ref, ctx.start_ref.base, ctx.model_config) as local:
+            result = client.self_test(lambda seqs: local_sequence_logprobs(local, seqs), probes, cfg.tolerance)
+    log.info("stage %s: teacher %s passed its self-test (%s)", stage.name, cfg,
+             ", ".join(f"{k} {v:.3g}" for k, v in result.items()))
+    return client
+
+
+def _probe_sequences(tokenizer, prompts: list, chat_template_kwargs: dict) -> list[list[int]]:
+    """Token ids of a few of the stage's prompts, each with a fixed answer, and of the tokenizer probes."""
+    answer = "Sure. Here is a short answer, in two sentences: 42 is the number. Done."
+    texts = [t + answer for t in render_prompts(tokenizer, prompts, chat_template_kwargs)]
+    texts += [tokenizer.apply_chat_template(m, tokenize=False, **chat_template_kwargs) for m in models.PROBE_MESSAGES]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _replay_examples(stage: OPDStage, ctx: StageContext) -> list | None:
