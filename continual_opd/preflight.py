@@ -140,6 +140,8 @@ def _check_served_teacher(recipe: Recipe, teacher, i: int) -> None:
         client.check_tokenizer(models.load_tokenizer(student, recipe.model), recipe.model.chat_template_kwargs,
                                student=student)
     except TeacherServerError as e:
+        if e.status is not None and e.status < 500:  # it answered: a wrong model name or URL path is the recipe's
+            raise ConfigError(f"{recipe.source}: stages.{i}.teacher: {e}") from None
         log.warning("stages.%d.teacher: not checked now (%s); it is checked when the stage starts", i, e)
     except ModelError as e:
         raise ConfigError(f"{recipe.source}: stages.{i}.teacher: {e}") from None

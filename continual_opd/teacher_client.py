@@ -144,7 +144,7 @@ class ServedTeacher:
                 raise
             if got != want:
                 k = next((k for k, (a, b) in enumerate(zip(got or [], want)) if a != b), min(len(got or []), len(want)))
-                raise TeacherServerError(
+                raise ModelError(  # not a TeacherServerError: the server answered, and it is the wrong teacher
                     f"teacher server {self.url}: its tokenizer differs from student {student!r} on probe {what}: "
                     f"first difference at token {k} (teacher {_at(got, k)}, student {_at(want, k)}; "
                     f"{len(got or [])} vs {len(want)} tokens); serve a teacher with the student's tokenizer and chat "

@@ -259,11 +259,12 @@ def test_check_tokenizer_passes_for_the_same_tokenizer_and_names_the_first_diffe
     teacher.check_tokenizer(copy.deepcopy(tok), {}, student="tiny")
     other_template = copy.deepcopy(tok)
     other_template.chat_template = tok.chat_template.replace("'<|assistant|>\n'", "'<|assistant|>'")
-    with pytest.raises(TeacherServerError, match=f"{url}.*student 'tiny' on probe chat messages #0: first difference"):
+    with pytest.raises(ModelError, match=f"{url}.*student 'tiny' on probe chat messages #0: first difference") as e:
         teacher.check_tokenizer(other_template, {}, student="tiny")
+    assert not isinstance(e.value, TeacherServerError)  # a wrong teacher, not a server problem: preflight refuses it
     other_vocab = copy.deepcopy(tok)
     other_vocab.add_tokens(["Café"])
-    with pytest.raises(TeacherServerError, match="on probe text 'Café naïve"):
+    with pytest.raises(ModelError, match="on probe text 'Café naïve"):
         teacher.check_tokenizer(other_vocab, {}, student="tiny")
 
 
