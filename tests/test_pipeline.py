@@ -188,7 +188,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(world, tmp_
     from continual_opd.errors import TrainingError
     from continual_opd.stages import opd
 
-    real = opd.divergence
+    real = opd.chunked_divergence  # the loss of an unsharded student
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -196,7 +196,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(world, tmp_
         calls["n"] += 1
         return (loss * float("nan"), stats) if calls["n"] >= 3 else (loss, stats)
 
-    monkeypatch.setattr(opd, "divergence", flaky)
+    monkeypatch.setattr(opd, "chunked_divergence", flaky)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"stage opd: loss is nan at step 3; last good checkpoint: .*checkpoint-2"):
         run_recipe(load_recipe(world / "recipe.yaml", [f"output_dir={out}", "stages.3.micro_batch_size=4"]),
