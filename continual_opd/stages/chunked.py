@@ -9,9 +9,10 @@ time, so at most one chunk of (rows x V) logits per model is alive. Gradients ar
     full-vocabulary losses (`ChunkedFullVocab`)  each chunk's loss and its gradient w.r.t. the chunk's hidden states
         (and the head's trainable parameters) are computed in the forward pass and kept (N x H, plus the head's size);
         backward only scales them. No logits are recomputed.
-    sampled-token log-probs (`ChunkedTokenLogprobs`)  the forward gives s_t = log p(x_t) chunk by chunk without a
-        graph; backward recomputes each chunk's logits once to apply d loss / d s_t. The loss on (B, L) log-probs
-        (discount, ratios, normalization) stays `losses.sampled_reverse_kl_loss`, unchanged.
+    sampled-token log-probs (`ChunkedTokenLogprobs`)  the forward gives s_t = log p(x_t) chunk by chunk and keeps
+        d s_t / d h_t (N x H); backward scales it by d loss / d s_t (a trainable head recomputes each chunk's logits
+        instead). The loss on (B, L) log-probs (discount, ratios, normalization) stays
+        `losses.sampled_reverse_kl_loss`, unchanged.
 
 Each chunk's loss is one of losses.py's functions, so the math is written (and tested) once. Written by hand because
 TRL's chunked kernel (`trl/kernels/chunked_divergence.py`) and Liger's fused losses take one weight matrix for both
@@ -31,12 +32,17 @@ from continual_opd.stages import losses
 # 598 MiB over 36 rows at V = 151,936, i.e. 27): student and teacher logits, both log-softmaxes, the probabilities
 # and products autograd keeps, the gradient, and the allocator's slack.
 CHUNK_COPIES = 28
+# The same for the sampled-token log-probs (the logits, the log-sum-exp's temporaries and the softmax of the backward):
+# 13 measured (161 MiB over 15 rows, 69 MiB over 3, at V = 151,936). Fewer copies give larger chunks, and small
+# chunks are slow (at 3 rows a step took 4.6x as long as at 15).
+SAMPLED_COPIES = 14
 
 
 def rows_per_chunk(vocab_size: int, budget_mb: float, copies: int = CHUNK_COPIES) -> int:
     """Response positions per chunk such that `copies` (rows x vocab) fp32 tensors fit in `budget_mb` MiB (>= 1).
 
-    E.g. the 256 MiB default gives 48 rows at SmolLM2's 49,152 tokens and 15 at Qwen3's 151,936."""
+    E.g. the 256 MiB default gives 48 rows at SmolLM2's 49,152 tokens and 15 at Qwen3's 151,936 for the
+    full-vocabulary losses, 97 and 31 for the sampled-token log-probs (`copies=SAMPLED_COPIES`)."""
     return max(1, int(budget_mb * 2**20 // (copies * vocab_size * 4)))
 
 
@@ -111,16 +117,37 @@ def token_logprobs_nograd(head: Head, h_NH: torch.Tensor, tokens_N: torch.Tensor
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """s_N = log softmax(head(h_NH))[tokens_N], differentiable w.r.t. h_NH and the head's trainable parameters."""
+    """s_N = log softmax(head(h_NH))[tokens_N], differentiable w.r.t. h_NH and the head's trainable parameters.
+
+    s_t depends on h_t alone, so when the head has nothing to train (a LoRA student whose adapters leave lm_head
+    alone) the forward keeps each position's gradient d s_t / d h_t (N x H) and the backward only scales it: no
+    logits are recomputed. A trainable head (full fine-tuning, a LoRA on lm_head) needs sum_t g_t d s_t / d W, which
+    depends on the upstream g_t, so then the backward recomputes each chunk's logits once."""
 
     @staticmethod
     def forward(ctx, head: Head, rows: int, h_NH: torch.Tensor, tokens_N: torch.Tensor, *params):
         ctx.head, ctx.rows = head, rows
-        ctx.save_for_backward(h_NH, tokens_N)
-        return token_logprobs_nograd(head, h_NH.detach(), tokens_N, rows)
+        if params:
+            ctx.save_for_backward(h_NH, tokens_N)
+            ctx.jacobian = False
+            return token_logprobs_nograd(head, h_NH.detach(), tokens_N, rows)
+        s_N = torch.empty(h_NH.shape[0], dtype=_loss_dtype(h_NH), device=h_NH.device)
+        ds_dh_NH = torch.empty_like(h_NH)
+        for c in _chunks(h_NH.shape[0], rows):
+            with torch.enable_grad():
+                h_c = h_NH[c].detach().requires_grad_(True)
+                s_c = losses.gather_token_logprobs(head(h_c)[None], tokens_N[c][None])[0]
+                (ds_dh_NH[c],) = torch.autograd.grad(s_c.sum(), [h_c])  # row t of the sum's gradient: d s_t / d h_t
+            s_N[c] = s_c.detach()
+        ctx.save_for_backward(ds_dh_NH)
+        ctx.jacobian = True
+        return s_N
 
     @staticmethod
     def backward(ctx, grad_N):
+        if ctx.jacobian:
+            (ds_dh_NH,) = ctx.saved_tensors
+            return (None, None, ds_dh_NH * grad_N[:, None].to(ds_dh_NH.dtype), None)
         h_NH, tokens_N = ctx.saved_tensors
         params = ctx.head.params
         grad_h = torch.zeros_like(h_NH)

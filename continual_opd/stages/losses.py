@@ -58,7 +58,9 @@ def gather_token_logprobs(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, tem
     LM, the logits of position P + t - 1 of the full sequence). Use the sampling temperature for the sampler's
     log-probs. log p(x) = z_x - logsumexp(z), which avoids keeping a full (B, L, V) log-softmax for the backward pass.
     """
-    logits_BLV = _upcast(logits_BLV) / temperature
+    logits_BLV = _upcast(logits_BLV)
+    if temperature != 1.0:  # (a division at 1 would only copy the logits)
+        logits_BLV = logits_BLV / temperature
     picked_BL = logits_BLV.gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
     return picked_BL - torch.logsumexp(logits_BLV, dim=-1)
 

@@ -183,7 +183,8 @@ def opd_step(student, teacher, rollouts: Rollouts, stage: OPDStage, optimizer, *
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
     chunk = chunked.can_chunk(student) if chunk is None else chunk
-    rows = chunked.rows_per_chunk(config.vocab_size, stage.logits_budget_mb)
+    copies = chunked.SAMPLED_COPIES if stage.loss == "sampled" else chunked.CHUNK_COPIES
+    rows = chunked.rows_per_chunk(config.vocab_size, stage.logits_budget_mb, copies)
     for k, i in enumerate(starts):
         part, part_tokens_BL, part_mask_BL = rollouts[i:i + mb], tokens_BL[i:i + mb], mask_BL[i:i + mb]
         share = float(part_mask_BL.sum()) / max(n_tok, 1)  # of all ranks' tokens
